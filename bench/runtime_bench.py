@@ -1,0 +1,176 @@
+"""The runtime against the bare decode loop, side by side in one process on the same model.
+
+For each batch size: the bare loop (bench/bare_loop.py: default graph, past+present
+concatenated every step, no scheduler) and the engine (kv_inplace graph, preallocated KV,
+IOBinding, scheduler + sampler + detokenizer), greedy, ``--new`` tokens after ``--prompt-len``
+token prompts, runs interleaved ``--repeats`` times; the median of each is reported. Batch >1
+engine runs go through the async API: that many concurrent ``engine.generate`` streams.
+
+    python bench/runtime_bench.py --repo REPO --model lm [--build]   # --build makes REPO first
+
+``--build`` trains the default decoder-lm shape for one step (random-ish weights; speed does
+not depend on them) with ``block_size=192`` so 32 + 128 tokens fit, and exports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bare_loop import greedy, load_session  # noqa: E402
+
+
+def build_repo(repo: Path, model: str, context: int) -> None:
+    """Train one step of the default decoder-lm with a longer context and export it."""
+    from engine.trainer import train
+    from exporters.onnx_format import OnnxFormat
+
+    ckpt = repo.parent / f"{model}-ckpt"
+    overrides = {"block_size": context, "eval_windows": 8}
+    train("decoder-lm", ckpt, steps=1, overrides=overrides, progress=False)
+    OnnxFormat().export(ckpt, repo, name=model, progress=False, force=True)
+
+
+def bare_run(session, prompts: list[list[int]], new: int) -> tuple[float, float, np.ndarray]:
+    """(seconds to the first token, seconds in all, tokens) of one bare-loop generation."""
+    t0 = time.perf_counter()
+    greedy(session, prompts, 1)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tokens = greedy(session, prompts, new)
+    return first, time.perf_counter() - t0, tokens
+
+
+def engine_run(engine, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
+    """(seconds to the first token, seconds in all, tokens) through the async API."""
+    from engine.runtime import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    first: list[float] = []
+
+    async def one(prompt: list[int], t0: float) -> list[int]:
+        tokens: list[int] = []
+        async for out in engine.generate(prompt, params):
+            if not tokens:
+                first.append(time.perf_counter() - t0)
+            tokens = out.token_ids
+        return tokens
+
+    async def run_all() -> list[list[int]]:
+        t0 = time.perf_counter()
+        return await asyncio.gather(*(one(p, t0) for p in prompts))
+
+    t0 = time.perf_counter()
+    tokens = asyncio.run(run_all())
+    return max(first), time.perf_counter() - t0, tokens
+
+
+def summarize(batch: int, new: int, runs: list[tuple[float, float]]) -> dict[str, float]:
+    """Median and best tokens/s and decode time per output token (first token excluded)."""
+    rates = [batch * new / total for _, total in runs]
+    tpots = [1e3 * (total - first) / (new - 1) for first, total in runs]
+    return {
+        "tok_s": statistics.median(rates),
+        "tok_s_best": max(rates),
+        "tpot_ms": statistics.median(tpots),
+        "tpot_ms_best": min(tpots),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", type=Path, required=True)
+    ap.add_argument("--model", default="lm")
+    ap.add_argument("--build", action="store_true", help="train + export the model first")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-spin", action="store_true", help="onnxruntime threads do not spin")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    if args.build:
+        build_repo(args.repo, args.model, context=192)
+
+    from engine.runtime import EngineConfig, LLMEngine
+    from exporters.repository import version_dir
+
+    spin = not args.no_spin
+    path = version_dir(args.repo, args.model)
+    manifest = json.loads((path / "manifest.json").read_text())
+    serving = manifest["serving"]
+    session = load_session(path / manifest["graphs"]["default"]["file"], args.threads, spin)
+    config = EngineConfig(max_num_seqs=max(args.batches), max_model_len=args.prompt_len + args.new)
+    engine = LLMEngine.from_repository(
+        args.repo, args.model, threads=args.threads, config=config, spin=spin
+    )
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(4, serving["vocab_size"], (max(args.batches), args.prompt_len)).tolist()
+    bare_run(session, prompts[:2], 4)  # warm both up
+    engine_run(engine, prompts[:2], 4)
+
+    shape = {k: serving[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}
+    print(f"# {platform.machine()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}")
+    print(f"# model {args.repo}/{args.model}: {shape}, context {serving['context_length']}")
+    print(
+        f"# {args.prompt_len}-token prompts, {args.new} greedy tokens, {args.threads} threads, "
+        f"spin {'on' if spin else 'off'}; {args.repeats} interleaved runs each: median (best)"
+    )
+    header = (
+        "batch",
+        "bare tok/s",
+        "engine tok/s",
+        "ratio",
+        "bare TPOT ms",
+        "engine TPOT",
+        "ratio",
+    )
+    print("{:>5} {:>16} {:>16} {:>11} {:>15} {:>15} {:>11} same".format(*header))
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": []}
+    for batch in args.batches:
+        bare, eng, same = [], [], True
+        for _ in range(args.repeats):
+            b_first, b_all, b_tokens = bare_run(session, prompts[:batch], args.new)
+            e_first, e_all, e_tokens = engine_run(engine, prompts[:batch], args.new)
+            same &= b_tokens.tolist() == e_tokens
+            bare.append((b_first, b_all))
+            eng.append((e_first, e_all))
+        b, e = summarize(batch, args.new, bare), summarize(batch, args.new, eng)
+        report["rows"].append({"batch": batch, "bare": b, "engine": e, "same_tokens": same})
+
+        def pair(a: float, best: float, fmt: str) -> str:
+            return f"{a:{fmt}} ({best:{fmt}})"
+
+        cells = [
+            pair(b["tok_s"], b["tok_s_best"], ",.0f"),
+            pair(e["tok_s"], e["tok_s_best"], ",.0f"),
+            pair(e["tok_s"] / b["tok_s"], e["tok_s_best"] / b["tok_s_best"], ".2f"),
+            pair(b["tpot_ms"], b["tpot_ms_best"], ".2f"),
+            pair(e["tpot_ms"], e["tpot_ms_best"], ".2f"),
+            pair(e["tpot_ms"] / b["tpot_ms"], e["tpot_ms_best"] / b["tpot_ms_best"], ".2f"),
+        ]
+        print("{:>5} {:>16} {:>16} {:>11} {:>15} {:>15} {:>11} {}".format(batch, *cells, same))
+    d = engine.describe()
+    report["kv"] = d
+    print(
+        f"# KV pool {d['kv_cache_bytes'] / 2**20:.2f} MiB preallocated ({d['kv_slots']} slots x "
+        f"{d['max_model_len']} tokens) = the budget; peak in use {d['kv_peak_bytes'] / 2**20:.2f}"
+        f" MiB; preemptions {d['preemptions']}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

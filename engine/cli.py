@@ -1,0 +1,177 @@
+"""The ``engine`` command line. Every user-facing failure becomes a message and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.errors import EngineError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train small models in PyTorch, export them to ONNX/TensorRT, serve them over gRPC.",
+)
+# piped output (scripts, tests) gets full-width tables instead of truncated names
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+ConfigOpt = Annotated[
+    list[str] | None,
+    typer.Option("--config", "-c", help="Override a config field: key=value (repeatable)."),
+]
+
+
+@app.command("plugins")
+def plugins_cmd() -> None:
+    """List every registered architecture and export format with the plugin that provides it."""
+    from engine.plugins import architectures, export_formats, get_plugin_manager, plugin_info
+
+    pm = get_plugin_manager()
+    table = Table(title="Architectures")
+    for col in ("architecture", "task", "plugin", "version", "source"):
+        table.add_column(col, no_wrap=True)  # names must stay greppable whatever the width
+    table.add_column("description")
+    for name, (arch, info) in architectures(pm).items():
+        table.add_row(name, arch.task, info.name, info.version, info.source, arch.description)
+    console.print(table)
+    formats = Table(title="Export formats")
+    for col in ("format", "plugin", "source"):
+        formats.add_column(col, no_wrap=True)
+    for impl in pm.hook.engine_register_export_formats.get_hookimpls():
+        info = plugin_info(pm, impl.plugin)
+        for fmt in impl.function() or []:
+            formats.add_row(fmt.name, info.name, info.source)
+    if export_formats(pm):
+        console.print(formats)
+
+
+@app.command("train")
+def train_cmd(
+    arch: Annotated[str, typer.Argument(help="Architecture name (see `engine plugins`).")],
+    out: Annotated[Path | None, typer.Option(help="Checkpoint directory [runs/ARCH].")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [config default].")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    config: ConfigOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(min=1, help="Also write a checkpoint every N steps.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train an architecture, evaluate it against its quality bar and write a checkpoint."""
+    import json
+
+    from engine.configs import parse_overrides
+    from engine.plugins import get_architecture
+    from engine.trainer import train
+
+    architecture, _ = get_architecture(arch)
+    overrides = parse_overrides(architecture.config_class, config or [])
+    out = out or Path("runs") / arch
+    path = train(arch, out, steps=steps, seed=seed, device=device, overrides=overrides,
+                 resume=resume, progress=progress, checkpoint_every=checkpoint_every)
+    metrics_path = path / "metrics.json"
+    if os.environ.get("RANK", "0") == "0" and metrics_path.exists():  # rank 0 reports
+        metrics = json.loads(metrics_path.read_text())
+        quality = metrics.get("quality", {})
+        mark = "[green]PASS[/green]" if quality.get("passed") else "[yellow]below bar[/yellow]"
+        console.print(f"{mark} {quality.get('summary', '')}")
+        console.print(f"checkpoint: {path}")
+
+
+def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise EngineError(f"--option expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+@app.command("sample")
+def sample_cmd(
+    checkpoint_dir: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    prompt: Annotated[str | None, typer.Option(help="Prompt for a generative model.")] = None,
+    text: Annotated[str | None, typer.Option(help="Text to classify.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file (image grids).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    seed: Annotated[int, typer.Option()] = 0,
+    option: Annotated[list[str] | None, typer.Option(help="Extra key=value.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+) -> None:
+    """Run a trained checkpoint once in PyTorch and show the result."""
+    import torch
+
+    from engine import checkpoint
+    from engine.trainer import resolve_device
+
+    dev = resolve_device(device)
+    arch, config, model = checkpoint.load(checkpoint_dir, device=str(dev))
+    options: dict[str, Any] = {
+        "max_tokens": max_tokens, "temperature": temperature, "top_k": top_k,
+        "top_p": top_p, "seed": seed, **_parse_options(option),
+    }
+    for key, value in (("prompt", prompt), ("text", text), ("out", out)):
+        if value is not None:
+            options[key] = value
+    with torch.no_grad():
+        console.print(arch.sample(model, Path(checkpoint_dir), config, options), markup=False)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint_dir: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    repo: Annotated[Path, typer.Option(help="Model repository directory.")],
+    name: Annotated[str | None, typer.Option(help="Model name [architecture].")] = None,
+    format: Annotated[str, typer.Option("--format", help="onnx or tensorrt.")] = "onnx",
+    fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision graph (for GPUs).")] = False,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch (TensorRT).")] = 16,
+    max_seq: Annotated[int | None, typer.Option(min=1, help="Longest sequence.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite the latest version.")] = False,
+    validate: Annotated[bool, typer.Option(help="Validate against PyTorch.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+) -> None:
+    """Export a checkpoint into a versioned model repository, validated against PyTorch."""
+    from engine.plugins import export_formats
+
+    formats = export_formats()
+    if format not in formats:
+        raise EngineError(f"unknown format {format!r}; known: {', '.join(sorted(formats))}")
+    version_dir = formats[format].export(
+        Path(checkpoint_dir), Path(repo), name=name, fp16=fp16, opset=opset,
+        max_batch=max_batch, max_seq=max_seq, force=force, validate=validate, progress=progress,
+    )
+    console.print(f"exported: {version_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; turn every EngineError into a one-line message and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except EngineError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Engines for one-shot tasks (``classify``, ``sample_images``) behind the dynamic batcher."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.runtime.backends import Backend
+from engine.runtime.batcher import Arrays, BatcherConfig, DynamicBatcher
+from engine.runtime.errors import InvalidSamplingParamsError, ModelSignatureError
+from engine.runtime.loader import ModelVersion
+
+
+class _BatchedEngine:
+    """A loaded graph behind a dynamic batcher; subclasses turn requests into rows."""
+
+    task: str
+
+    def __init__(self, model: ModelVersion, backend: Backend, batcher: BatcherConfig | None):
+        if model.task != self.task:
+            raise ModelSignatureError(
+                f"model {model.name!r} serves {model.task!r}, not {self.task!r}"
+            )
+        self.model, self.backend = model, backend
+        self.batcher = DynamicBatcher(backend.run, batcher, self._collate)
+
+    def _collate(self, parts: list[Arrays]) -> Arrays:
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def describe(self) -> dict[str, Any]:
+        """Model and batching figures, for the CLI and metrics."""
+        return {
+            "model": self.model.name,
+            "version": self.model.version,
+            "task": self.task,
+            "batch_sizes": dict(self.batcher.batch_sizes),
+        }
+
+    def close(self) -> None:
+        """Release the graph."""
+        self.model.close()
+
+
+@dataclass
+class Classification:
+    """One text's predicted label and the top labels with their probabilities."""
+
+    label: str
+    score: float
+    top: list[tuple[str, float]]
+
+
+class ClassifierEngine(_BatchedEngine):
+    """``classify``: text in, label probabilities out."""
+
+    task = "classify"
+
+    def __init__(self, model: ModelVersion, backend: Backend, batcher: BatcherConfig | None = None):
+        from tokenizers import Tokenizer
+
+        super().__init__(model, backend, batcher)
+        serving = model.serving
+        self.labels: list[str] = list(serving["labels"])
+        self.max_length = int(serving["max_length"])
+        self.pad_id = int(serving["pad_token_id"])
+        self.cls_id = serving.get("cls_token_id")
+        self.tokenizer = Tokenizer.from_file(str(model.path / serving["tokenizer"]))
+
+    def encode(self, texts: Sequence[str]) -> Arrays:
+        """``[CLS] + ids`` truncated to the model's length, right-padded to the longest row."""
+        rows = []
+        head = [] if self.cls_id is None else [int(self.cls_id)]
+        for enc in self.tokenizer.encode_batch(list(texts)):
+            rows.append((head + enc.ids)[: self.max_length])
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.pad_id, np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+        lengths = np.array([len(r) for r in rows])
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _collate(self, parts: list[Arrays]) -> Arrays:
+        width = max(p["input_ids"].shape[1] for p in parts)
+
+        def pad(a: np.ndarray, value: int) -> np.ndarray:
+            return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
+
+        return {
+            "input_ids": np.concatenate([pad(p["input_ids"], self.pad_id) for p in parts]),
+            "attention_mask": np.concatenate([pad(p["attention_mask"], 0) for p in parts]),
+        }
+
+    async def classify(self, texts: str | Sequence[str], top_k: int = 5) -> list[Classification]:
+        """Classify one text or many; each gets its label and top-``top_k`` probabilities."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return []
+        out = await self.batcher.submit(self.encode(texts))
+        logits = next(iter(out.values())).astype(np.float64)  # (N, classes)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1)[:, : max(1, top_k)]
+        results = []
+        for p, idx in zip(probs, order):
+            top = [(self.labels[i], float(p[i])) for i in idx]
+            results.append(Classification(top[0][0], top[0][1], top))
+        return results
+
+
+class ImageEngine(_BatchedEngine):
+    """``sample_images``: digits (class labels) in, generated images out."""
+
+    task = "sample_images"
+
+    def __init__(self, model: ModelVersion, backend: Backend, batcher: BatcherConfig | None = None):
+        super().__init__(model, backend, batcher)
+        serving = model.serving
+        self.latent_dim = int(serving["latent_dim"])
+        self.num_classes = int(serving["num_classes"])
+        self.pixel_range = tuple(serving.get("pixel_range", (-1.0, 1.0)))
+
+    async def sample_images(
+        self, labels: int | Sequence[int], n: int = 1, seed: int | None = None
+    ) -> np.ndarray:
+        """Generate ``n`` images per label; return (len(labels) * n, C, H, W) in ``pixel_range``."""
+        labels = [labels] if isinstance(labels, int) else list(labels)
+        bad = [d for d in labels if not 0 <= d < self.num_classes]
+        if bad or n < 1:
+            raise InvalidSamplingParamsError(
+                f"labels must be in [0, {self.num_classes}) and n >= 1, got {bad or labels}, n={n}"
+            )
+        rows = np.repeat(np.asarray(labels, np.int64), n)
+        z = np.random.default_rng(seed).standard_normal((len(rows), self.latent_dim))
+        out = await self.batcher.submit({"z": z.astype(np.float32), "labels": rows})
+        return next(iter(out.values()))
+
+
+def image_grid(images: np.ndarray, columns: int, scale: int = 8, pad: int = 1) -> np.ndarray:
+    """Tile (N, 1, H, W) images in [-1, 1] into one uint8 grayscale grid, each pixel scaled up."""
+    tiles = ((images[:, 0] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+    n, h, w = tiles.shape
+    rows = -(-n // columns)
+    cell_h, cell_w, gap = h * scale, w * scale, pad * scale
+    grid = np.zeros((rows * (cell_h + gap) + gap, columns * (cell_w + gap) + gap), np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        y, x = gap + r * (cell_h + gap), gap + c * (cell_w + gap)
+        grid[y : y + cell_h, x : x + cell_w] = np.kron(tile, np.ones((scale, scale), np.uint8))
+    return grid

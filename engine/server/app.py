@@ -1,0 +1,207 @@
+"""Assemble and run the gRPC server: services, health, reflection, auth, TLS, metrics, shutdown.
+
+:class:`EngineServer` is the async object (tests start several on free ports); ``serve`` in
+``engine.server.cli_commands`` wraps it for the command line. On SIGTERM (or SIGINT) the server
+reports NOT_SERVING, stops taking calls, lets in-flight ones finish for ``grace`` seconds,
+cancels the rest (their generations are aborted) and returns, so the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from engine.errors import EngineError
+from engine.proto import POOL, engine_pb2, engine_pb2_grpc, grpc_predict_v2_pb2
+from engine.proto import grpc_predict_v2_pb2_grpc as kserve_grpc
+from engine.server import logs
+from engine.server.auth import BearerTokenInterceptor
+from engine.server.engine_service import EngineService
+from engine.server.kserve_service import KServeService
+from engine.server.metrics import ServerMetrics
+from engine.server.models import ModelSet, ServedModel
+from engine.server.serving import Limits, Serving, safe_deserializer
+
+ENGINE_SERVICE = "engine.v1.EngineService"
+KSERVE_SERVICE = "inference.GRPCInferenceService"
+_SEND_LIMIT = 64 << 20  # images of a large batch; responses are ours, so a generous cap
+
+
+class ServerStartError(EngineError):
+    """The server could not bind its port or read its TLS files; the message says which."""
+
+
+@dataclass
+class ServerConfig:
+    """Where and how the server listens; defaults suit a local run."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (tests)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9090  # None: no metrics endpoint; 0: a free port
+    auth_token: str | None = None
+    tls_cert: bytes | None = None  # PEM; with tls_key, the port speaks TLS only
+    tls_key: bytes | None = None
+    grace: float = 30.0  # seconds in-flight calls get at shutdown
+    reflection: bool = True
+    limits: Limits = field(default_factory=Limits)
+
+
+class _CaptureHandlers:
+    """Stands in for a server to receive the method handlers generated code registers."""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _add_service(server: grpc.aio.Server, add: Callable, servicer: Any) -> None:
+    """Register ``servicer`` with deserializers that turn bad bytes into INVALID_ARGUMENT."""
+    capture = _CaptureHandlers()
+    add(servicer, capture)
+    methods = POOL.FindServiceByName(capture.service).methods_by_name
+    handlers = {
+        name: h._replace(
+            request_deserializer=safe_deserializer(
+                h.request_deserializer, methods[name].input_type.full_name
+            )
+        )
+        for name, h in capture.handlers.items()
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(capture.service, handlers),)
+    )
+    server.add_registered_method_handlers(capture.service, handlers)
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """A pool holding every served file, so reflection (grpcurl) describes all services."""
+    pool = descriptor_pool.DescriptorPool()
+    for module in (engine_pb2, grpc_predict_v2_pb2, health_pb2, reflection_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
+
+
+class EngineServer:
+    """One grpc.aio server serving ``models`` over engine.v1 and KServe v2."""
+
+    def __init__(
+        self,
+        models: ModelSet | Iterable[ServedModel],
+        config: ServerConfig | None = None,
+        metrics: ServerMetrics | None = None,
+    ):
+        self.config = config or ServerConfig()
+        self.models = models if isinstance(models, ModelSet) else ModelSet(models)
+        self.metrics = metrics or ServerMetrics()
+        self.serving = Serving(self.models, self.metrics, self.config.limits)
+        self.kserve = KServeService(self.serving)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    def _health_names(self) -> list[str]:
+        return ["", ENGINE_SERVICE, KSERVE_SERVICE, *self.models.names()]
+
+    async def start(self) -> int:
+        """Bind, register everything and start serving; return the bound port."""
+        cfg = self.config
+        interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
+        options = [
+            # gRPC's own limit answers RESOURCE_EXHAUSTED; ours (below it) INVALID_ARGUMENT with
+            # a detail, so only requests far past the limit get the terse transport error.
+            ("grpc.max_receive_message_length", 4 * cfg.limits.max_message_bytes),
+            ("grpc.max_send_message_length", _SEND_LIMIT),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        _add_service(
+            server, engine_pb2_grpc.add_EngineServiceServicer_to_server, EngineService(self.serving)
+        )
+        _add_service(server, kserve_grpc.add_GRPCInferenceServiceServicer_to_server, self.kserve)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if cfg.reflection:
+            names = [ENGINE_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+            reflection.enable_server_reflection(names, server, pool=_reflection_pool())
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            if cfg.tls_cert or cfg.tls_key:
+                if not (cfg.tls_cert and cfg.tls_key):
+                    raise ServerStartError("TLS needs both a certificate and a key")
+                creds = grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ServerStartError(f"cannot listen on {address}: {exc}") from None
+        for name in self._health_names():
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        self._server = server
+        if cfg.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port)
+            except OSError as exc:
+                await server.stop(0)
+                raise ServerStartError(
+                    f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {exc}"
+                ) from None
+        logs.log(
+            "server started",
+            address=f"{cfg.host}:{self.port}",
+            tls=bool(cfg.tls_cert),
+            auth=bool(cfg.auth_token),
+            metrics_port=self.metrics_port,
+            models=self.models.names(),
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, wait ``grace`` s for in-flight ones, close."""
+        if self._server is None:
+            return
+        grace = self.config.grace if grace is None else grace
+        logs.log("server draining", grace_s=grace)
+        self.kserve.draining = True
+        for name in self._health_names():
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.stop(grace)
+        self._server = None
+        for model in self.models:
+            await model.close()
+        self.metrics.stop_http()
+        logs.log("server stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`stop` has finished."""
+        await self._stopped.wait()
+
+    async def run_until_signal(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain within the grace period."""
+        loop = asyncio.get_running_loop()
+        received = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, received.set)
+        try:
+            if self._server is None:
+                await self.start()
+            await received.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()

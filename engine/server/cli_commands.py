@@ -1,0 +1,217 @@
+"""The ``engine serve`` and ``engine client ...`` commands as plain functions (typer wires them).
+
+Each function takes the command's options as keyword arguments, prints for a person and
+raises :class:`engine.errors.EngineError` (a one-line message, exit code 2) on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from engine.errors import EngineError
+
+
+def _read_file(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise EngineError(f"cannot read the {what} {path}: {exc}") from None
+
+
+def serve(
+    repo: Path,
+    models: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    metrics_port: int | None = 9090,
+    auth_token_file: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    device: str = "cpu",
+    backend: str | None = None,
+    threads: int | None = None,
+    grace: float = 30.0,
+    max_running: int = 64,
+    max_waiting: int = 256,
+    max_message_mb: float = 4.0,
+    log_level: str = "INFO",
+) -> None:
+    """Serve every model of ``repo`` (or the comma-separated ``models``) until SIGTERM/SIGINT."""
+    from engine.client import read_token
+    from engine.server import logs
+    from engine.server.app import EngineServer, ServerConfig
+    from engine.server.loader import load_models
+    from engine.server.serving import Limits
+
+    if bool(tls_cert) != bool(tls_key):
+        raise EngineError("--tls-cert and --tls-key go together: give both or neither")
+    names = [n.strip() for n in models.split(",") if n.strip()] if models else None
+    config = ServerConfig(
+        host=host,
+        port=port,
+        metrics_host=host,
+        metrics_port=metrics_port,
+        auth_token=read_token(token_file=auth_token_file) if auth_token_file else None,
+        tls_cert=_read_file(tls_cert, "TLS certificate"),
+        tls_key=_read_file(tls_key, "TLS key"),
+        grace=grace,
+        limits=Limits(
+            max_running=max_running,
+            max_waiting=max_waiting,
+            max_message_bytes=int(max_message_mb * (1 << 20)),
+        ),
+    )
+    logs.configure(log_level)
+
+    async def main() -> None:
+        served = await load_models(
+            Path(repo), names, device=device, backend=backend, threads=threads
+        )
+        server = EngineServer(served, config)
+        try:
+            await server.start()
+        except BaseException:
+            for model in served:
+                await model.close()
+            raise
+        scheme = "grpcs" if config.tls_cert else "grpc"
+        print(
+            f"serving {', '.join(server.models.names())} on {scheme}://{host}:{server.port}"
+            + (
+                f", metrics on http://{host}:{server.metrics_port}/metrics"
+                if server.metrics_port
+                else ""
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+        await server.run_until_signal()
+
+    asyncio.run(main())
+
+
+def _client(
+    target: str,
+    token: str | None,
+    token_file: Path | None,
+    tls: bool,
+    tls_ca: Path | None,
+    timeout: float | None,
+):
+    from engine.client import EngineClient, read_token
+
+    return EngineClient(
+        target, token=read_token(token, token_file), tls=tls, tls_ca=tls_ca, timeout=timeout
+    )
+
+
+def client_generate(
+    target: str,
+    model: str,
+    prompt: str,
+    max_tokens: int = 64,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    token: str | None = None,
+    token_file: Path | None = None,
+    tls: bool = False,
+    tls_ca: Path | None = None,
+    timeout: float | None = None,
+    out: TextIO | None = None,
+) -> str:
+    """Stream a completion to ``out`` (stdout) as it arrives; return the whole text."""
+    out = out or sys.stdout
+    parts = []
+    with _client(target, token, token_file, tls, tls_ca, timeout) as client:
+        for chunk in client.generate_stream(
+            model,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop),
+        ):
+            out.write(chunk.text)
+            out.flush()
+            parts.append(chunk.text)
+    out.write("\n")
+    return "".join(parts)
+
+
+def client_classify(
+    target: str,
+    model: str,
+    texts: Sequence[str],
+    token: str | None = None,
+    token_file: Path | None = None,
+    tls: bool = False,
+    tls_ca: Path | None = None,
+    timeout: float | None = None,
+    out: TextIO | None = None,
+) -> list:
+    """Print each text's label and probability; return the Classified results."""
+    out = out or sys.stdout
+    with _client(target, token, token_file, tls, tls_ca, timeout) as client:
+        results = client.classify(model, list(texts))
+    for text, result in zip(texts, results):
+        short = text if len(text) <= 60 else text[:57] + "..."
+        out.write(f"{result.label}\t{result.probabilities[result.label]:.3f}\t{short}\n")
+    return results
+
+
+def client_sample_images(
+    target: str,
+    model: str,
+    digits: Sequence[int],
+    seed: int | None = None,
+    out_dir: Path = Path("."),
+    token: str | None = None,
+    token_file: Path | None = None,
+    tls: bool = False,
+    tls_ca: Path | None = None,
+    timeout: float | None = None,
+    out: TextIO | None = None,
+) -> list[Path]:
+    """Write one PNG per digit into ``out_dir`` (digit<d>_<i>.png); print and return the paths."""
+    out = out or sys.stdout
+    with _client(target, token, token_file, tls, tls_ca, timeout) as client:
+        response = client.sample_images(model, list(digits), seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(response.images):
+        path = out_dir / f"digit{image.digit}_{i}.png"
+        path.write_bytes(image.png)
+        paths.append(path)
+        out.write(f"{path}\n")
+    out.write(f"seed {response.seed}\n")
+    return paths
+
+
+def client_models(
+    target: str,
+    token: str | None = None,
+    token_file: Path | None = None,
+    tls: bool = False,
+    tls_ca: Path | None = None,
+    timeout: float | None = None,
+    out: TextIO | None = None,
+) -> list:
+    """Print the served models (name, version, task, architecture); return the summaries."""
+    out = out or sys.stdout
+    with _client(target, token, token_file, tls, tls_ca, timeout) as client:
+        models = client.models()
+    for m in models:
+        out.write(f"{m.name}\tv{m.version}\t{m.task}\t{m.architecture}\n")
+    return models

@@ -1,0 +1,153 @@
+"""What the server needs from a loaded model, and the set of models one process serves.
+
+The servicers speak to :class:`ServedModel` only; ``engine.server.loader`` wraps the runtime's
+engines in it, and tests can pass a fake. Everything here is plain data or a protocol: no
+protobuf, no runtime import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine.server.errors import invalid, not_found
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Who a model is and what a client must know to call it (from its manifest)."""
+
+    name: str
+    version: int
+    task: str  # generate, classify or sample_images
+    architecture: str = ""
+    platform: str = "onnxruntime_onnx"  # KServe/Triton platform name
+    manifest: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    context_length: int = 0  # generate: prompt plus output tokens
+    vocab_size: int = 0  # generate
+    labels: tuple[str, ...] = ()  # classify, in probability order
+    image_shape: tuple[int, ...] = ()  # sample_images: (channels, height, width)
+    num_classes: int = 0  # sample_images: digits are 0 .. num_classes - 1
+    pixel_range: tuple[float, float] = (-1.0, 1.0)  # sample_images: raw pixel range
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of one sampled token and the top alternatives (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of a generation; the last has ``finish_reason`` and final counts."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length" or "abort" on the last chunk
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # output tokens so far
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Counters for metrics: KV blocks, the runtime's queue, batches (zeros if not applicable)."""
+
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    steps: int = 0  # generate: engine steps so far (generated tokens / steps = mean batch)
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # rows per backend call -> count
+
+
+class ServedModel(Protocol):
+    """A loaded model as the servicers use it; only the methods of its task need to work."""
+
+    card: ModelCard
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (generate and classify models)."""
+        ...
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """The text piece of each token id, for Tokenize."""
+        ...
+
+    def generate(self, request_id: str, prompt: str, params: Any) -> AsyncIterator[Chunk]:
+        """Stream the completion of ``prompt`` under runtime SamplingParams ``params``."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Stop a generation and free its KV memory; a no-op for unknown or finished ids."""
+        ...
+
+    async def classify(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities, shape (len(texts), len(card.labels)), float32."""
+        ...
+
+    async def sample_images(self, digits: list[int], seed: int) -> np.ndarray:
+        """One image per digit, shape (len(digits), *card.image_shape), float32."""
+        ...
+
+    def stats(self) -> ModelStats:
+        """Current counters."""
+        ...
+
+    async def close(self) -> None:
+        """Release the model's resources (background tasks, sessions)."""
+        ...
+
+
+class ModelSet:
+    """The models one server serves, by name, with lookups that fail as gRPC statuses."""
+
+    def __init__(self, models: Iterable[ServedModel]):
+        self.models: dict[str, ServedModel] = {m.card.name: m for m in models}
+
+    def __iter__(self):
+        return iter(self.models.values())
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def names(self) -> list[str]:
+        """Served model names, sorted."""
+        return sorted(self.models)
+
+    def get(self, name: str, version: str = "", task: str | None = None) -> ServedModel:
+        """The model ``name`` (at ``version`` if given), checked to serve ``task``.
+
+        Raises NOT_FOUND for an unknown name or version, INVALID_ARGUMENT for a task mismatch.
+        """
+        if not name:
+            raise invalid(f"no model named in the request; models served: {self._listing()}")
+        model = self.models.get(name)
+        if model is None:
+            raise not_found(f"model {name!r} is not served here; models: {self._listing()}")
+        if version and version != str(model.card.version):
+            raise not_found(
+                f"model {name!r} has no version {version!r} here; serving version "
+                f"{model.card.version} (leave the version empty for it)"
+            )
+        if task is not None and model.card.task != task:
+            raise invalid(
+                f"model {name!r} is a {model.card.task} model and cannot {task.replace('_', ' ')}"
+                f"; {task} models here: {', '.join(self.names_for(task)) or '(none)'}"
+            )
+        return model
+
+    def names_for(self, task: str) -> list[str]:
+        """Served models of one task."""
+        return [n for n in self.names() if self.models[n].card.task == task]
+
+    def _listing(self) -> str:
+        return ", ".join(self.names()) or "(none)"

@@ -1,0 +1,135 @@
+"""Greedy decoding through a ``generate`` graph with its KV cache, on any runner (numpy only).
+
+The roles of a generate graph's tensors come from its ExportSignature by name, the convention
+the decoder plugins and the runtime share:
+
+* ``input_ids`` and ``position_ids`` (batch, sequence): the new tokens and their positions;
+* ``attention_mask`` (batch, cache + sequence): 1 for cache slots and new tokens to attend to,
+  or ``cache_mask`` (batch, cache) and ``new_mask`` (batch, sequence) given separately;
+* KV inputs: every other input of rank >= 3, paired with the output whose name has the same
+  suffix after the first dot (``past_key_values.0.key`` <-> ``present.0.key``,
+  ``cache.0.key`` <-> ``new.0.key``), sequence on the first dynamic axis after batch.
+
+If a KV output's sequence axis has the input tokens' axis name, the graph returns only the new
+tokens' keys/values and the caller writes them into a preallocated buffer (``kv_inplace``);
+otherwise the output is the whole cache and is fed back as the next step's input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.architecture import ExportSignature, TensorSpec
+from exporters.base import ValidationError
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+MASK_ROLES = ("attention_mask", "cache_mask", "new_mask")
+
+
+class UnknownGraphLayout(ValidationError):
+    """A generate graph's inputs do not follow the naming convention above, so it cannot run."""
+
+
+@dataclass(frozen=True)
+class KVPair:
+    """One cache tensor: its graph input, the output that updates it, and its sequence axis."""
+
+    input: TensorSpec
+    output: str
+    axis: int
+
+
+class GreedyDecoder:
+    """Run prefill + decode steps of a generate graph; ``inplace`` says how its cache grows."""
+
+    def __init__(self, signature: ExportSignature, kv_shapes: dict[str, tuple[int, ...]]):
+        """``kv_shapes`` gives each KV input's shape at batch 1, cache length 0 (heads, dims)."""
+        names = signature.input_names()
+        if "input_ids" not in names:
+            raise UnknownGraphLayout("a generate graph needs an 'input_ids' input")
+        self.signature = signature
+        ids_spec = signature.inputs[names.index("input_ids")]
+        self.seq_axis_name = ids_spec.shape[1]
+        outputs = {o.name.split(".", 1)[-1]: o for o in signature.outputs if "." in o.name}
+        self.kv: list[KVPair] = []
+        for spec in signature.inputs:
+            if spec.name in ("input_ids", "position_ids", *MASK_ROLES):
+                continue
+            suffix = spec.name.split(".", 1)[-1]
+            if len(spec.shape) < 3 or "." not in spec.name or suffix not in outputs:
+                raise UnknownGraphLayout(f"cannot tell the role of generate input {spec.name!r}")
+            dynamic = [i for i, d in enumerate(spec.shape) if isinstance(d, str) and i > 0]
+            self.kv.append(KVPair(spec, outputs[suffix].name, dynamic[0] if dynamic else 2))
+        if not self.kv:
+            raise UnknownGraphLayout("a generate graph needs KV cache inputs")
+        out = next(o for o in signature.outputs if o.name == self.kv[0].output)
+        self.inplace = out.shape[self.kv[0].axis] == self.seq_axis_name
+        self.kv_shapes = kv_shapes
+        self.inputs = set(names)
+
+    def _empty_cache(self, batch: int, length: int) -> dict[str, np.ndarray]:
+        cache = {}
+        for pair in self.kv:
+            shape = list(self.kv_shapes[pair.input.name])
+            shape[0], shape[pair.axis] = batch, length
+            cache[pair.input.name] = np.zeros(shape, dtype=pair.input.dtype)
+        return cache
+
+    def _feeds(self, ids, positions, new_mask, cache, cache_valid) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": ids, **cache}
+        optional = {
+            "position_ids": positions,
+            "attention_mask": np.concatenate([cache_valid, new_mask], axis=1),
+            "cache_mask": cache_valid,
+            "new_mask": new_mask,
+        }
+        feeds.update({k: v for k, v in optional.items() if k in self.inputs})
+        return feeds
+
+    def prefill_logits(self, run: Runner, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Logits (B, T, V) for whole left-padded sequences with an empty cache."""
+        positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+        cache = self._empty_cache(len(ids), 0)
+        out = run(self._feeds(ids, positions, mask, cache, np.zeros((len(ids), 0), np.int64)))
+        return out[self.signature.outputs[0].name]
+
+    def generate(
+        self, run: Runner, prompts: list[list[int]], max_new: int, pad_id: int = 0
+    ) -> np.ndarray:
+        """Greedy-decode ``max_new`` tokens for left-padded ``prompts`` at once: (B, max_new)."""
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        ids = np.full((batch, width), pad_id, dtype=np.int64)
+        new_mask = np.zeros((batch, width), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = prompt
+            new_mask[row, width - len(prompt) :] = 1
+        positions = np.where(new_mask == 1, np.cumsum(new_mask, axis=1) - 1, 0).astype(np.int64)
+        length = width + max_new if self.inplace else 0
+        cache = self._empty_cache(batch, length)
+        cache_valid = np.zeros((batch, length), dtype=np.int64)
+        filled = 0  # buffer slots written so far (inplace only)
+        tokens = np.zeros((batch, max_new), dtype=np.int64)
+        logits_name = self.signature.outputs[0].name
+        for step in range(max_new):
+            out = run(self._feeds(ids, positions, new_mask, cache, cache_valid))
+            tokens[:, step] = np.argmax(out[logits_name][:, -1], axis=-1)
+            seq = ids.shape[1]
+            for pair in self.kv:
+                new = out[pair.output]
+                if self.inplace:
+                    index = [slice(None)] * new.ndim
+                    index[pair.axis] = slice(filled, filled + seq)
+                    cache[pair.input.name][tuple(index)] = new
+                else:
+                    cache[pair.input.name] = new
+            if self.inplace:
+                cache_valid[:, filled : filled + seq] = new_mask
+                filled += seq
+            else:
+                cache_valid = np.concatenate([cache_valid, new_mask], axis=1)
+            positions = positions.max(axis=1, keepdims=True) + 1
+            ids, new_mask = tokens[:, step : step + 1].copy(), np.ones((batch, 1), np.int64)
+        return tokens

@@ -1,0 +1,298 @@
+"""``engine export --format onnx``: checkpoint -> validated ONNX graphs -> a new repository version.
+
+Generic over architectures: the variants, their signatures, wrapped modules, example inputs and
+serving metadata all come from the Architecture. Stages: load, trace, optimize, (fp16), validate,
+(engine build), write. Everything is written into a staged directory that is renamed into
+``REPO/NAME/<version>`` only at the end, so a failure or Ctrl-C leaves the repository untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.errors import EngineError
+from exporters.base import ExportError
+from exporters.onnx_graph import DEFAULT_OPSET, graph_io, optimize, to_fp16, trace
+from exporters.progress import Stages
+from exporters.repository import staged_version, write_manifest
+
+MAIN_FILE = "model.onnx"
+# Example sizes for tracing: distinct and >= 2 so torch.export keeps every axis symbolic.
+TRACE_SIZES = {"batch": 2, "seq": 3, "past": 5}
+FP16_NOTE = (
+    "fp16 halves the file size and is meant for GPUs (CUDA / TensorRT execution). On CPU, "
+    "onnxruntime runs it slower than fp32: it has few fp16 kernels and casts around the rest."
+)
+# serving_metadata keys that name the longest sequence a model takes, most specific first
+CONTEXT_KEYS = ("context_length", "max_length", "max_seq", "block_size", "n_ctx")
+
+
+@dataclass
+class ExportOptions:
+    """What ``engine export`` was asked for (the CLI flags)."""
+
+    fp16: bool = False
+    opset: int | None = None
+    max_batch: int = 16
+    max_seq: int | None = None
+    force: bool = False
+    validate: bool = True
+    progress: bool = True
+
+
+class PostBuild(Protocol):
+    """A step after ONNX validation that adds files to the version (e.g. TensorRT engines)."""
+
+    name: str
+
+    def build(
+        self,
+        version_tmp: Path,
+        graphs: dict[str, dict[str, Any]],
+        arch: Any,
+        config: Any,
+        options: ExportOptions,
+        max_seq: int | None,
+        stages: Stages,
+        model_dir: Path,
+    ) -> dict[str, Any]:
+        """Write extra files into ``version_tmp``; return the manifest section describing them."""
+
+    def commit(self) -> None:
+        """Write anything kept outside the version directory, once the version is in place."""
+
+
+def context_length(serving: dict[str, Any]) -> int | None:
+    """The longest sequence the model takes, from its serving metadata (None if it has none)."""
+    for key in CONTEXT_KEYS:
+        if isinstance(serving.get(key), int):
+            return int(serving[key])
+    return None
+
+
+def library_versions(*extra: str) -> dict[str, str]:
+    """Versions of the libraries an export depends on (``None`` for ones not installed)."""
+    from engine import __version__
+
+    out = {"engine": __version__, "python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", *extra):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def export_checkpoint(
+    ckpt_dir: Path,
+    repo: Path,
+    name: str | None,
+    options: ExportOptions,
+    fmt: str = "onnx",
+    post: PostBuild | None = None,
+) -> Path:
+    """Load a checkpoint with ``engine.checkpoint.load`` and export it; return the version dir."""
+    from engine import checkpoint
+    from engine.plugins import get_architecture
+
+    with Stages(options.progress) as stages:
+        with stages.stage("load checkpoint"):
+            arch, config, model = checkpoint.load(ckpt_dir)
+            meta = checkpoint.read_meta(ckpt_dir)
+            _, plugin = get_architecture(arch.name)
+        source = {
+            "path": str(Path(ckpt_dir).resolve()),
+            "step": meta.step,
+            "seed": meta.seed,
+            "trained_with": {"plugin": meta.plugin, "version": meta.plugin_version},
+            "config": meta.config,
+        }
+        plugin_info = {"name": plugin.name, "version": plugin.version, "source": plugin.source}
+        return export_model(
+            arch,
+            config,
+            model,
+            Path(ckpt_dir),
+            Path(repo),
+            name or arch.name,
+            options,
+            fmt=fmt,
+            post=post,
+            plugin=plugin_info,
+            checkpoint=source,
+            stages=stages,
+        )
+
+
+def export_model(
+    arch: Any,
+    config: Any,
+    model: Any,
+    ckpt_dir: Path,
+    repo: Path,
+    name: str,
+    options: ExportOptions,
+    *,
+    fmt: str = "onnx",
+    post: PostBuild | None = None,
+    plugin: dict[str, Any] | None = None,
+    checkpoint: dict[str, Any] | None = None,
+    stages: Stages | None = None,
+) -> Path:
+    """Export an in-memory model as a new version of ``repo/name``; return the version dir."""
+    if stages is None:
+        with Stages(options.progress) as own:
+            return export_model(
+                arch,
+                config,
+                model,
+                ckpt_dir,
+                repo,
+                name,
+                options,
+                fmt=fmt,
+                post=post,
+                plugin=plugin,
+                checkpoint=checkpoint,
+                stages=own,
+            )
+    import torch
+
+    threads = torch.get_num_threads()
+    # Export and validation run many small ops; on a busy machine torch's spinning intra-op
+    # threads made a 2-layer model's decode step 200 ms instead of 1 ms. One thread is faster.
+    torch.set_num_threads(1)
+    try:
+        return _export(
+            arch,
+            config,
+            model,
+            Path(ckpt_dir),
+            Path(repo),
+            name,
+            options,
+            fmt,
+            post,
+            plugin,
+            checkpoint,
+            stages,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _export(
+    arch,
+    config,
+    model,
+    ckpt_dir: Path,
+    repo: Path,
+    name: str,
+    options: ExportOptions,
+    fmt: str,
+    post: PostBuild | None,
+    plugin: dict | None,
+    checkpoint: dict | None,
+    stages: Stages,
+) -> Path:
+    from exporters.validate import validate_export
+
+    opset = options.opset or DEFAULT_OPSET
+    serving = arch.serving_metadata(config, Path(ckpt_dir))
+    max_seq = options.max_seq or context_length(serving)
+    model.eval()
+    with staged_version(repo, name, options.force) as (tmp, version):
+        for src in arch.artifact_files(ckpt_dir):  # first: a missing tokenizer fails fast
+            _copy_artifact(Path(src), tmp)
+        graphs: dict[str, dict[str, Any]] = {}
+        for i, variant in enumerate(arch.export_variants(config)):
+            file = MAIN_FILE if i == 0 else f"{variant}.onnx"
+            signature = arch.export_signature(config, variant)
+            with stages.stage(f"trace {variant}"):
+                module = arch.export_module(model, config, variant).eval()
+                example = arch.example_inputs(config, variant=variant, **TRACE_SIZES)
+                info = trace(module, signature, example, tmp / file, opset)
+            with stages.stage(f"optimize {variant}"), _graph_step("optimize", variant):
+                info["optimization"] = optimize(tmp / file)
+            if options.fp16:
+                with stages.stage(f"fp16 {variant}"), _graph_step("convert to fp16", variant):
+                    info["fp16"] = to_fp16(tmp / file)
+            tolerance = {
+                k: getattr(signature, k) for k in ("atol", "rtol", "fp16_atol", "fp16_rtol")
+            }
+            graphs[variant] = {"file": file, **info, **graph_io(tmp / file), "tolerance": tolerance}
+        if options.validate:
+            paths = {variant: tmp / g["file"] for variant, g in graphs.items()}
+            validation = validate_export(
+                arch, config, model, Path(ckpt_dir), paths, fp16=options.fp16, stages=stages
+            )
+        else:
+            validation = {"validated": False, "reason": "skipped with --no-validate"}
+        built = {}
+        if post is not None:
+            built[post.name] = post.build(
+                tmp, graphs, arch, config, options, max_seq, stages, Path(repo) / name
+            )
+        with stages.stage("write"):
+            manifest = {
+                "name": name,
+                "version": version,
+                "format": fmt,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "architecture": arch.name,
+                "task": arch.task,
+                "plugin": plugin,
+                "checkpoint": checkpoint,
+                "libraries": library_versions(*(["tensorrt"] if post is not None else [])),
+                "opset": opset,
+                "precision": "fp16" if options.fp16 else "fp32",
+                "precision_note": FP16_NOTE if options.fp16 else None,
+                "export_options": asdict(options),
+                "max_seq": max_seq,
+                "main_graph": next(iter(graphs)),
+                "graphs": graphs,
+                "serving": serving,
+                "validation": validation,
+                **built,
+                "timings_s": dict(stages.seconds),
+            }
+            write_manifest(tmp, manifest)
+    if post is not None:
+        post.commit()
+    return Path(repo) / name / str(version)
+
+
+@contextlib.contextmanager
+def _graph_step(what: str, variant: str) -> Iterator[None]:
+    """Turn a library failure on a traced graph into an ExportError that names the step."""
+    try:
+        yield
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise ExportError(
+            f"could not {what} graph {variant!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _copy_artifact(src: Path, dest_dir: Path) -> None:
+    """Copy a file or directory the architecture needs at serving time (e.g. its tokenizer)."""
+    target = dest_dir / src.name
+    if not src.exists():
+        raise ExportError(
+            f"the checkpoint lacks {src}, which serving needs; re-train or restore it"
+        )
+    if target.exists():
+        raise ExportError(f"artifact {src.name} would overwrite an exported file of that name")
+    if src.is_dir():
+        shutil.copytree(src, target)
+    else:
+        shutil.copy2(src, target)

@@ -1,0 +1,350 @@
+"""Validate exported graphs against PyTorch: names, then shapes, then values, then the task.
+
+Like Optimum's exporters, in three steps with a distinct error each, but failing instead of
+warning. Step 2 and 3 run every graph over several input sizes made by the architecture's
+``example_inputs`` (batch 1, uneven rows, cache length 0). Then one task-level check, generic
+over the task: greedy tokens through the KV cache (``generate``), predicted labels
+(``classify``), pixel error (``sample_images``). Every figure goes into the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from engine.architecture import ExportSignature
+from exporters.base import (
+    AgreementTooLow,
+    GreedyMismatch,
+    LabelMismatch,
+    OutputNamesMismatch,
+    PixelErrorTooLarge,
+    ShapeMismatch,
+    ValuesMismatch,
+)
+from exporters.greedy import GreedyDecoder, Runner
+from exporters.onnx_export import context_length
+from exporters.progress import Stages
+
+# (batch, seq, past): batch 1, one token, empty cache, uneven rows, decode steps on a cache
+CASES = ((1, 1, 0), (1, 7, 0), (3, 5, 0), (2, 1, 4), (4, 3, 6))
+GREEDY_TOKENS = 64
+MIN_GREEDY_PROMPTS = 8
+FP16_MIN_TOP1 = 0.99  # teacher-forced top-1 agreement of an fp16 LM graph
+FP16_MIN_LABEL_AGREEMENT = 0.995
+CLASSIFY_ROWS = 256
+IMAGE_ROWS = 256
+SNIPPETS = (  # Python prompts for LMs that ship a tokenizer; random ids otherwise
+    "def main():\n    ",
+    "import os\nimport sys\n\n",
+    "class Config:\n    def __init__(self, ",
+    "for i in range(len(",
+    "    return self.",
+    "if __name__ == '__main__':\n    ",
+    "try:\n    import ",
+    "with open(path, encoding='utf-8') as f:\n",
+)
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    """A single-threaded CPU onnxruntime session: validation runs small batches, and spinning
+    worker threads on a shared machine cost more than they gain (measured: 30x on 2 busy cores).
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session: ort.InferenceSession) -> Runner:
+    """Run a session on a dict of numpy inputs; return outputs by name."""
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+    return run
+
+
+def torch_runner(module: torch.nn.Module, signature: ExportSignature) -> Runner:
+    """Run the wrapped torch module positionally in signature order; return numpy by name."""
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in signature.input_names()]
+        with torch.no_grad():
+            out = module(*args)
+        out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return {
+            n: t.detach().float().numpy() if t.is_floating_point() else t.numpy()
+            for n, t in zip(signature.output_names(), out)
+        }
+
+    return run
+
+
+# -- the three steps ---------------------------------------------------------------------------
+def check_names(session: ort.InferenceSession, signature: ExportSignature, variant: str) -> None:
+    """Step 1: the graph's inputs and outputs carry the signature's names, in order."""
+    for kind, got, want in (
+        ("inputs", [i.name for i in session.get_inputs()], signature.input_names()),
+        ("outputs", [o.name for o in session.get_outputs()], signature.output_names()),
+    ):
+        if got != want:
+            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+            raise OutputNamesMismatch(
+                f"graph {variant!r}: {kind} are {got}, the signature declares {want}"
+                f" (missing {missing}, unexpected {extra})"
+            )
+
+
+def run_cases(arch, config, variant: str, onnx_run: Runner, torch_run: Runner) -> list[dict]:
+    """Run both runners on each case of :data:`CASES`; keep inputs and both outputs."""
+    results = []
+    for seed, (batch, seq, past) in enumerate(CASES):
+        feeds = arch.example_inputs(config, batch, seq, past, seed=seed, variant=variant)
+        results.append(
+            {
+                "case": {"batch": batch, "seq": seq, "past": past},
+                "feeds": feeds,
+                "onnx": onnx_run(feeds),
+                "torch": torch_run(feeds),
+            }
+        )
+    return results
+
+
+def check_shapes(signature: ExportSignature, results: list[dict], variant: str) -> None:
+    """Step 2: every output's shape equals PyTorch's and fits the signature's axes."""
+    for r in results:
+        sizes: dict[str, int] = {}  # dynamic axis name -> size, bound by the inputs
+        for spec in signature.inputs:
+            for axis, axis_name in spec.dynamic_axes().items():
+                sizes.setdefault(axis_name, r["feeds"][spec.name].shape[axis])
+        for spec in signature.outputs:
+            got, ref = r["onnx"][spec.name].shape, r["torch"][spec.name].shape
+            want = tuple(sizes.get(d, "?") if isinstance(d, str) else d for d in spec.shape)
+            fits = len(got) == len(want) and all(w in ("?", g) for g, w in zip(got, want))
+            if got != ref or not fits:
+                raise ShapeMismatch(
+                    f"graph {variant!r}, output {spec.name!r} at {r['case']}: ONNX shape "
+                    f"{got}, PyTorch {ref}, signature {spec.shape} -> {want}"
+                )
+
+
+def check_values(
+    signature: ExportSignature, results: list[dict], variant: str, fp16: bool
+) -> dict[str, Any]:
+    """Step 3: outputs match PyTorch within the signature's (fp32 or fp16) tolerance."""
+    atol, rtol = (
+        (signature.fp16_atol, signature.fp16_rtol) if fp16 else (signature.atol, signature.rtol)
+    )
+    worst: dict[str, float] = {}
+    for r in results:
+        for name in signature.output_names():
+            got, ref = r["onnx"][name].astype(np.float64), r["torch"][name].astype(np.float64)
+            err = float(np.abs(got - ref).max()) if got.size else 0.0
+            worst[name] = max(worst.get(name, 0.0), err)
+            if not np.allclose(got, ref, atol=atol, rtol=rtol, equal_nan=True):
+                raise ValuesMismatch(
+                    f"graph {variant!r}, output {name!r} at {r['case']}: max abs difference "
+                    f"{err:.3g} exceeds atol={atol:g} + rtol={rtol:g}*|torch|"
+                )
+    return {"atol": atol, "rtol": rtol, "max_abs_diff": worst}
+
+
+# -- task checks ----------------------------------------------------------------------------
+def _prompts(serving: dict[str, Any], ckpt_dir: Path, vocab: int, longest: int) -> list[list[int]]:
+    """Python snippets through the checkpoint's tokenizer where it has one, plus random ids."""
+    rng = np.random.default_rng(0)
+    prompts = []
+    tokenizer_file = Path(ckpt_dir) / str(serving.get("tokenizer", ""))
+    if serving.get("tokenizer") and tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        prompts = [tokenizer.encode(s).ids[-longest:] for s in SNIPPETS]
+        prompts = [p for p in prompts if p and max(p) < vocab]
+    while len(prompts) < MIN_GREEDY_PROMPTS + 4:  # random rows of uneven length as well
+        length = int(rng.integers(1, longest + 1))
+        prompts.append(rng.integers(4 if vocab > 8 else 0, vocab, length).tolist())
+    return prompts
+
+
+def check_generate(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bool) -> dict:
+    """Greedy tokens through each graph's KV cache equal PyTorch's (fp32) or top-1 agrees (fp16)."""
+    serving = arch.serving_metadata(config, ckpt_dir)
+    ctx = context_length(serving) or 10**9
+    max_new = min(GREEDY_TOKENS, ctx // 2)
+    first = next(iter(graphs.values()))["signature"]
+    vocab = first.outputs[0].shape[-1]
+    vocab = vocab if isinstance(vocab, int) else int(serving["vocab_size"])
+    pad_id = int(serving.get("pad_token_id", 0))
+    prompts = _prompts(serving, ckpt_dir, vocab, min(24, ctx - max_new))
+    report: dict[str, Any] = {"prompts": len(prompts), "new_tokens": max_new, "graphs": {}}
+    reference = None
+    for variant, g in graphs.items():
+        example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
+        decoder = GreedyDecoder(g["signature"], {k: v.shape for k, v in example.items()})
+        ref_tokens = decoder.generate(g["torch"], prompts, max_new, pad_id)
+        tokens = decoder.generate(g["onnx"], prompts, max_new, pad_id)
+        same_rows = (tokens == ref_tokens).all(axis=1)
+        entry: dict[str, Any] = {
+            "cache": "in place (new keys/values only)" if decoder.inplace else "concatenated",
+            "identical_prompts": int(same_rows.sum()),
+            "token_agreement": float((tokens == ref_tokens).mean()),
+        }
+        if reference is None:
+            reference = ref_tokens
+        entry["torch_matches_main_graph_torch"] = bool((ref_tokens == reference).all())
+        if not fp16 and not same_rows.all():
+            row = int(np.argmin(same_rows))
+            step = int(np.argmax(tokens[row] != ref_tokens[row]))
+            raise GreedyMismatch(
+                f"graph {variant!r}: greedy decoding differs from PyTorch on "
+                f"{int((~same_rows).sum())} of {len(prompts)} prompts; prompt {row} first "
+                f"differs at new token {step} (ONNX {tokens[row, step]}, PyTorch "
+                f"{ref_tokens[row, step]})"
+            )
+        if fp16:
+            entry.update(_teacher_forced(decoder, g, prompts, ref_tokens, pad_id, variant))
+        report["graphs"][variant] = entry
+    return report
+
+
+def _teacher_forced(decoder, g, prompts, continuation, pad_id: int, variant: str) -> dict:
+    """Top-1 agreement and log-prob error over prompt + PyTorch's greedy continuation."""
+    rows = [list(p) + continuation[i].tolist() for i, p in enumerate(prompts)]
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    got = decoder.prefill_logits(g["onnx"], ids, mask).astype(np.float64)
+    ref = decoder.prefill_logits(g["torch"], ids, mask).astype(np.float64)
+    valid = mask == 1
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp_got, lp_ref = log_softmax(got), log_softmax(ref)
+    top = ref.argmax(-1)
+    agree = float((got.argmax(-1) == top)[valid].mean())
+    err = np.abs(np.take_along_axis(lp_got - lp_ref, top[..., None], -1)[..., 0])[valid]
+    result = {
+        "teacher_forced_steps": int(valid.sum()),
+        "top1_agreement": agree,
+        "logprob_abs_error_max": float(err.max()),
+        "logprob_abs_error_mean": float(err.mean()),
+    }
+    if agree < FP16_MIN_TOP1:
+        raise AgreementTooLow(
+            f"graph {variant!r} (fp16): teacher-forced top-1 agreement {agree:.2%} is below "
+            f"{FP16_MIN_TOP1:.0%} (log-prob error max {err.max():.3g}); export in fp32"
+        )
+    return result
+
+
+def check_classify(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bool) -> dict:
+    """The graph predicts PyTorch's label for every row (fp32) or >= 99.5% of rows (fp16)."""
+    report: dict[str, Any] = {"graphs": {}}
+    for variant, g in graphs.items():
+        got, ref = [], []
+        for seed in range(CLASSIFY_ROWS // 64):
+            feeds = arch.example_inputs(
+                config, 64, 16 * (seed + 1), 0, seed=100 + seed, variant=variant
+            )
+            got.append(g["onnx"](feeds)[g["signature"].output_names()[0]].argmax(-1))
+            ref.append(g["torch"](feeds)[g["signature"].output_names()[0]].argmax(-1))
+        got_all, ref_all = np.concatenate(got), np.concatenate(ref)
+        agree = float((got_all == ref_all).mean())
+        report["graphs"][variant] = {"rows": int(got_all.size), "label_agreement": agree}
+        if not fp16 and agree < 1.0:
+            raise LabelMismatch(
+                f"graph {variant!r}: predicted label differs from PyTorch on "
+                f"{int((got_all != ref_all).sum())} of {got_all.size} rows"
+            )
+        if fp16 and agree < FP16_MIN_LABEL_AGREEMENT:
+            raise AgreementTooLow(
+                f"graph {variant!r} (fp16): label agreement {agree:.2%} is below "
+                f"{FP16_MIN_LABEL_AGREEMENT:.1%}; export in fp32"
+            )
+    return report
+
+
+def check_images(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bool) -> dict:
+    """Generated pixels stay within the signature's tolerance of PyTorch's; report the error."""
+    report: dict[str, Any] = {"graphs": {}}
+    for variant, g in graphs.items():
+        sig = g["signature"]
+        atol, rtol = (sig.fp16_atol, sig.fp16_rtol) if fp16 else (sig.atol, sig.rtol)
+        feeds = arch.example_inputs(config, IMAGE_ROWS, 1, 0, seed=200, variant=variant)
+        name = sig.output_names()[0]
+        got, ref = g["onnx"](feeds)[name].astype(np.float64), g["torch"](feeds)[name]
+        err = np.abs(got - ref)
+        report["graphs"][variant] = {
+            "images": int(len(got)),
+            "max_abs_pixel_error": float(err.max()),
+            "mean_abs_pixel_error": float(err.mean()),
+            "atol": atol,
+        }
+        if not np.allclose(got, ref, atol=atol, rtol=rtol):
+            raise PixelErrorTooLarge(
+                f"graph {variant!r}: max abs pixel error {err.max():.3g} over {len(got)} images "
+                f"exceeds atol={atol:g} + rtol={rtol:g}*|torch|"
+            )
+    return report
+
+
+TASK_CHECKS: dict[str, Callable[..., dict]] = {
+    "generate": check_generate,
+    "classify": check_classify,
+    "sample_images": check_images,
+}
+
+
+def validate_export(
+    arch,
+    config,
+    model: torch.nn.Module,
+    ckpt_dir: Path,
+    paths: dict[str, Path],
+    fp16: bool,
+    stages: Stages | None = None,
+) -> dict[str, Any]:
+    """Run all checks on every exported graph; return the manifest's validation section."""
+    stages = stages or Stages(show=False)
+    graphs: dict[str, dict] = {}
+    report: dict[str, Any] = {
+        "validated": True,
+        "precision": "fp16" if fp16 else "fp32",
+        "cases": [dict(zip(("batch", "seq", "past"), c)) for c in CASES],
+        "graphs": {},
+    }
+    for variant, path in paths.items():
+        with stages.stage(f"validate {variant}"):
+            signature = arch.export_signature(config, variant)
+            session = ort_session(path)
+            module = arch.export_module(model, config, variant).eval()
+            g = {
+                "signature": signature,
+                "onnx": ort_runner(session),
+                "torch": torch_runner(module, signature),
+            }
+            check_names(session, signature, variant)
+            results = run_cases(arch, config, variant, g["onnx"], g["torch"])
+            check_shapes(signature, results, variant)
+            values = check_values(signature, results, variant, fp16)
+            report["graphs"][variant] = {"names": "ok", "shapes": "ok", "values": values}
+            graphs[variant] = g
+    check = TASK_CHECKS.get(arch.task)
+    if check is not None:
+        with stages.stage(f"validate {arch.task}"):
+            report["task"] = {"task": arch.task, **check(arch, config, ckpt_dir, graphs, fp16)}
+    return report

@@ -1,0 +1,267 @@
+"""A GPT-2-shaped decoder: pre-LayerNorm blocks, learned positions, tied embeddings, a KV cache.
+
+Parameter names follow nanoGPT (``transformer.h.{i}.attn.c_attn`` as ``nn.Linear``), so the
+weights map one-to-one onto Hugging Face's ``GPT2LMHeadModel`` (see :func:`to_gpt2_state_dict`).
+Attention is an explicit matmul + softmax rather than SDPA so the ONNX graph stays plain.
+
+Two inference paths share the weights:
+
+* :meth:`GPT.forward` - the standard path. Past keys/values are concatenated with the new ones
+  and returned as ``present`` (the ``default`` export variant).
+* :meth:`GPT.forward_inplace` - the ``kv_inplace`` export variant. The cache is a fixed,
+  preallocated buffer that is only read; the graph returns only the new tokens' keys/values and
+  the runtime writes them into its buffer, so no step copies the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (B, H, T, D)
+
+
+@dataclass
+class GPTConfig:
+    """Model shape; the defaults are the default training run (see arch.DecoderLMConfig)."""
+
+    block_size: int = 128  # context length: long enough for a function body, cheap on 2 cores
+    vocab_size: int = 8192  # the shared stdlib BPE tokenizer's size
+    n_layer: int = 4  # ~5M parameters in total: trains to the quality bar in ~10 CPU minutes
+    n_head: int = 4  # head_dim 64: a multiple of 8 for fp16 / tensor-core kernels
+    n_embd: int = 256
+    dropout: float = 0.0  # a few epochs over 2.8M tokens barely overfit at this size
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.n_embd // self.n_head
+
+
+def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis where ``allowed``; fully masked rows stay finite (uniform).
+
+    A large finite negative (not -inf) replaces masked scores, so a query that may attend to
+    nothing - a left-pad token - yields a uniform row instead of NaN.
+    """
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return F.softmax(scores, dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (GPT-2's ``c_attn``)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, S, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, S, C) -> (B, H, S, D)
+        q, k, v = (t.view(B, S, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        return q * (1.0 / math.sqrt(self.head_dim)), k, v
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        B, _, S, _ = y.shape
+        y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, past: KV | None) -> tuple:
+        """Attend over past + new keys; ``allowed`` is (B, 1, S, past+S). Returns (y, present)."""
+        q, k, v = self._qkv(x)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H, past+S, D)
+            v = torch.cat([past[1], v], dim=2)
+        att = self.attn_dropout(_masked_softmax(q @ k.transpose(-2, -1), allowed))
+        return self._out(att @ v), (k, v)
+
+    def forward_inplace(
+        self, x: torch.Tensor, cache: KV, cache_allowed: torch.Tensor, new_allowed: torch.Tensor
+    ) -> tuple:
+        """Attend over a read-only cache and the new keys without concatenating the cache.
+
+        ``cache_allowed`` is (B, 1, 1, T), ``new_allowed`` (B, 1, S, S). Returns (y, (k, v)) with
+        only the new tokens' keys/values, (B, H, S, D).
+        """
+        q, k, v = self._qkv(x)
+        cache_k, cache_v = cache
+        T = cache_k.shape[2]
+        scores = torch.cat([q @ cache_k.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1)
+        allowed = torch.cat([cache_allowed.expand(-1, -1, q.shape[2], -1), new_allowed], dim=-1)
+        p = _masked_softmax(scores, allowed)  # (B, H, S, T+S): one softmax over both parts
+        y = p[..., :T] @ cache_v + p[..., T:] @ v
+        return self._out(y), (k, v)
+
+
+class MLP(nn.Module):
+    """GPT-2's position-wise feed-forward: 4x expansion, tanh-approximated GELU."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu_new
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm transformer block."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, past: KV | None) -> tuple:
+        y, present = self.attn(self.ln_1(x), allowed, past)
+        x = x + y
+        return x + self.mlp(self.ln_2(x)), present
+
+    def forward_inplace(self, x, cache: KV, cache_allowed, new_allowed) -> tuple:
+        y, new = self.attn.forward_inplace(self.ln_1(x), cache, cache_allowed, new_allowed)
+        x = x + y
+        return x + self.mlp(self.ln_2(x)), new
+
+
+def _causal(S: int, L: int, device: torch.device) -> torch.Tensor:
+    """(S, L) bool: query i (the (L-S+i)-th token overall) may see keys 0..L-S+i."""
+    q_idx = torch.arange(S, device=device) + (L - S)
+    k_idx = torch.arange(L, device=device)
+    return k_idx[None, :] <= q_idx[:, None]
+
+
+class GPT(nn.Module):
+    """The decoder LM: token + position embeddings, ``n_layer`` blocks, tied output head."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the stream's variance
+        # does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Count parameters once each (the tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, S, C)
+        return self.transformer.drop(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.transformer.ln_f(x))  # (B, S, V)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_kv: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Return logits (B, S, V) and the present keys/values, each (B, H, past+S, D).
+
+        ``attention_mask`` (B, past+S) has 1 for tokens to attend to and 0 for padding; rows
+        may be left-padded to different lengths, with ``position_ids`` (B, S) counting only
+        each row's real tokens. ``past_kv`` may be None or hold zero-length tensors.
+        """
+        B, S = input_ids.shape
+        past = past_kv[0][0].shape[2] if past_kv else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
+        L = attention_mask.shape[1] if attention_mask is not None else past + S
+        allowed = _causal(S, L, input_ids.device)[None, None]  # (1, 1, S, L)
+        if attention_mask is not None:
+            allowed = allowed & (attention_mask[:, None, None, :] != 0)  # (B, 1, S, L)
+        x = self._embed(input_ids, position_ids)
+        present = []
+        for i, block in enumerate(self.transformer.h):
+            x, kv = block(x, allowed, past_kv[i] if past_kv else None)
+            present.append(kv)
+        return self._head(x), present
+
+    def forward_inplace(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_mask: torch.Tensor,
+        new_mask: torch.Tensor,
+        cache: list[KV],
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Return logits (B, S, V) and only the new keys/values (B, H, S, D) per layer.
+
+        ``cache`` holds per-layer (key, value) buffers (B, H, T, D) that are read, never copied;
+        ``cache_mask`` (B, T) marks valid cached slots, ``new_mask`` (B, S) the real (not
+        left-pad) new tokens. Every valid cached slot precedes every new token, so slot order
+        in the buffer does not matter (positions come from ``position_ids``).
+        """
+        S = input_ids.shape[1]
+        cache_allowed = (cache_mask != 0)[:, None, None, :]  # (B, 1, 1, T)
+        new_allowed = _causal(S, S, input_ids.device)[None, None] & (
+            new_mask[:, None, None, :] != 0
+        )  # (B, 1, S, S)
+        x = self._embed(input_ids, position_ids)
+        new = []
+        for block, kv in zip(self.transformer.h, cache):
+            x, kv_new = block.forward_inplace(x, kv, cache_allowed, new_allowed)
+            new.append(kv_new)
+        return self._head(x), new
+
+
+def to_gpt2_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map this model's state dict onto Hugging Face ``GPT2LMHeadModel`` parameter names.
+
+    Names are already GPT-2's; HF's ``Conv1D`` stores weights as (in, out), the transpose of
+    ``nn.Linear``, so the four projection weights are transposed. A state dict whose tied
+    ``lm_head.weight`` was de-duplicated away gets it back from ``transformer.wte.weight``.
+    """
+    transposed = (
+        "attn.c_attn.weight",
+        "attn.c_proj.weight",
+        "mlp.c_fc.weight",
+        "mlp.c_proj.weight",
+    )
+    out = {}
+    for name, t in state_dict.items():
+        out[name] = t.t().contiguous() if name.endswith(transposed) else t
+    out.setdefault("lm_head.weight", out["transformer.wte.weight"])
+    out.setdefault("transformer.wte.weight", out["lm_head.weight"])
+    return out

@@ -1,0 +1,38 @@
+"""Shared fixtures: a per-session cache dir, CLI runner, and trained tiny checkpoints built once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engine_cache(tmp_path_factory):
+    """Keep tokenizers and token arrays in one cache for the whole session (reused across runs)."""
+    if "ENGINE_CACHE_DIR" not in os.environ:
+        os.environ["ENGINE_CACHE_DIR"] = str(Path.home() / ".cache" / "engine-tests")
+    yield
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd=None):
+    """Run ``python -m engine ARGS`` in a subprocess; return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT,
+    )
+
+
+@pytest.fixture()
+def cli():
+    """The CLI runner as a fixture."""
+    return run_cli
+
+
+TOY_ENV = {"ENGINE_PLUGINS": "tests.toy_plugin"}

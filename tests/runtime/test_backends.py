@@ -1,0 +1,97 @@
+"""Backends: registration, device choice, IOBinding, and TensorRT (a clear error, or a GPU run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.runtime import backends
+from engine.runtime.backends import BackendOptions, OnnxRuntimeBackend
+from engine.runtime.errors import BackendUnavailableError
+from engine.runtime.loader import open_version
+from engine.runtime.tensorrt_backend import unavailable_reason
+from tests.runtime.conftest import MODEL
+
+
+def test_builtin_backends_register_through_the_hook():
+    names = {f.name for f in backends.engine_register_backends()}
+    assert names == {"onnxruntime", "tensorrt"}
+    assert {"onnxruntime", "tensorrt"} <= set(backends.registered_backends())
+    with pytest.raises(BackendUnavailableError, match="known: "):
+        backends.get_backend_factory("no-such-backend")
+
+
+def test_devices_map_to_provider_lists_and_missing_ones_say_what_to_install():
+    import onnxruntime as ort
+
+    assert backends.onnxruntime_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(BackendUnavailableError, match="unknown device"):
+        backends.onnxruntime_providers("tpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
+            backends.onnxruntime_providers("cuda")
+
+
+@pytest.fixture(scope="module")
+def inplace_graph(lm_repo):
+    mv = open_version(lm_repo, MODEL)
+    return mv, mv.path / mv.graph("kv_inplace")["file"]
+
+
+def _feeds(batch: int = 3, window: int = 8, heads: int = 2, dim: int = 32, layers: int = 2):
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(4, 8000, (batch, 1)),
+        "position_ids": np.full((batch, 1), 5),
+        "cache_mask": (np.arange(window)[None, :] < 5).repeat(batch, 0).astype(np.int64),
+        "new_mask": np.ones((batch, 1), np.int64),
+    }
+    for i in range(layers):
+        for part in ("key", "value"):
+            feeds[f"cache.{i}.{part}"] = rng.standard_normal((batch, heads, window, dim)).astype(
+                np.float32
+            )
+    return feeds
+
+
+def test_io_binding_writes_into_the_given_arrays_and_matches_a_plain_run(inplace_graph):
+    _, path = inplace_graph
+    backend = OnnxRuntimeBackend(path, BackendOptions(intra_op_threads=1, spin=False))
+    assert backend.session.get_session_options().intra_op_num_threads == 1
+    feeds = _feeds()
+    plain = backend.run(feeds)
+    out = {name: np.full_like(a, np.nan) for name, a in plain.items()}
+    bound = backend.run(feeds, out)
+    assert all(bound[n] is out[n] for n in out)  # filled in place, no new arrays
+    for name in plain:
+        np.testing.assert_allclose(out[name], plain[name], rtol=1e-6, atol=1e-6)
+
+
+def test_tensorrt_without_tensorrt_or_a_gpu_fails_with_a_clear_message(inplace_graph):
+    if unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present")
+    mv, _ = inplace_graph
+    with pytest.raises(BackendUnavailableError, match="tensorrt|TensorRT"):
+        mv.load("kv_inplace", BackendOptions(device="tensorrt"), backend="tensorrt")
+
+
+@pytest.mark.gpu
+def test_a_tensorrt_plan_runs_natively_and_matches_onnxruntime(tmp_path):
+    """Needs the gpu extra and a CUDA GPU: export the tiny LM as TensorRT and run its plan."""
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    from engine.runtime.tensorrt_backend import TensorRTBackend
+    from engine.trainer import train
+    from exporters.tensorrt_format import TensorRTFormat
+    from tests.runtime.conftest import TINY
+
+    ckpt = train("decoder-lm", tmp_path / "ckpt", steps=1, overrides=TINY, progress=False)
+    version = TensorRTFormat().export(ckpt, tmp_path / "repo", name=MODEL, progress=False)
+    mv = open_version(tmp_path / "repo", MODEL)
+    plan = TensorRTBackend(version / mv.manifest["tensorrt"]["engines"]["kv_inplace"]["file"])
+    onnx = OnnxRuntimeBackend(version / mv.graph("kv_inplace")["file"], BackendOptions())
+    feeds = _feeds()
+    got, ref = plan.run(feeds), onnx.run(feeds)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=5e-2, rtol=5e-2)
+    plan.close()

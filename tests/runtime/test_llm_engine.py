@@ -1,0 +1,191 @@
+"""The generate engine end to end on a tiny exported model: tokens, streaming, stops, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import EngineError
+from engine.runtime import Engine, EngineConfig, LLMEngine, SamplingParams
+from engine.runtime.errors import InvalidSamplingParamsError, RequestTooLongError
+from tests.runtime.conftest import MODEL
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+from bare_loop import greedy, load_session  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(lm_repo) -> LLMEngine:
+    """An engine with fewer slots than most tests send requests, so slots get reused."""
+    return Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig(max_num_seqs=4))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(4, 8000, n).tolist() for n in (3, 17, 9, 40, 1, 26)]
+
+
+def test_greedy_tokens_match_a_bare_loop_over_the_default_graph(engine, lm_repo, prompts):
+    session = load_session(lm_repo / MODEL / "1" / "model.onnx", threads=1)
+    expected = [greedy(session, [p], GREEDY.max_tokens)[0].tolist() for p in prompts]
+    outs = engine.generate_all(prompts, GREEDY)  # 6 requests through 4 slots
+    assert [o.token_ids for o in outs] == expected
+    assert len({t for e in expected for t in e}) > 40  # the model does not just repeat itself
+    assert all(o.finish_reason == "length" and o.usage.completion_tokens == 24 for o in outs)
+    assert engine.kv_stats().used_blocks == 0
+
+
+def test_a_seeded_request_is_reproducible_alone_and_among_16_mixed_requests(lm_repo, prompts):
+    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
+    target = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=30, ignore_eos=True)
+    alone = engine.generate_all([prompts[1]], target)[0].token_ids
+    others = [
+        SamplingParams(temperature=0.0, max_tokens=10),
+        SamplingParams(temperature=1.2, top_k=20, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.7, min_p=0.05, repetition_penalty=1.3, max_tokens=5),
+        SamplingParams(temperature=1.0, frequency_penalty=0.5, seed=9, max_tokens=35),
+    ]
+    ids = []
+    for i in range(16):
+        if i == 7:
+            ids.append(engine.add_request(prompts[1], target))
+        else:
+            ids.append(engine.add_request(prompts[i % len(prompts)], others[i % len(others)]))
+    final = {}
+    while engine.has_unfinished:
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert final[ids[7]].token_ids == alone
+    different = SamplingParams(temperature=0.9, top_p=0.95, seed=4321, max_tokens=30)
+    assert engine.generate_all([prompts[1]], different)[0].token_ids != alone
+
+
+def test_a_stop_string_spanning_tokens_ends_the_text_before_it(engine, prompts):
+    full = engine.generate_all([prompts[0]], GREEDY)[0]
+    text = full.text
+    cut = len(text) // 2
+    stop = text[cut : cut + 3]
+    assert len(stop) == 3
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop])
+    out = engine.generate_all([prompts[0]], params)[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.find(stop)]
+
+
+def test_streaming_yields_deltas_that_add_up_and_a_final_usage(engine):
+    async def collect():
+        return [o async for o in engine.generate("def add(a, b):", GREEDY)]
+
+    outs = asyncio.run(collect())
+    assert "".join(o.delta_text for o in outs) == outs[-1].text
+    assert [t for o in outs for t in o.delta_token_ids] == outs[-1].token_ids
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert outs[-1].usage.prompt_tokens == len(engine.encode("def add(a, b):"))
+    assert outs[-1].usage.completion_tokens == 24
+
+
+def test_abort_and_leaving_a_stream_early_free_memory_at_once(engine, prompts):
+    async def scenario():
+        long = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+        seen = []
+
+        async def aborted():
+            async for o in engine.generate(prompts[2], long, request_id="to-abort"):
+                seen.append(o)
+                if len(seen) == 3:
+                    engine.abort("to-abort")
+
+        async def abandoned():
+            async for _ in engine.generate(prompts[3], long, request_id="to-leave"):
+                break  # closing the generator aborts the request
+
+        await asyncio.gather(aborted(), abandoned())
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[-1].finished and seen[-1].finish_reason == "abort"
+    assert len(seen) == 4 and seen[-1].usage.completion_tokens == 3
+    assert not engine.has_unfinished and engine.kv_stats().used_blocks == 0
+
+
+def test_logprobs_are_reported_for_each_token(engine, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=2)
+    outs = []
+    rid = engine.add_request(prompts[0], params)
+    while engine.has_unfinished:
+        outs += [o for o in engine.step() if o.request_id == rid]
+    for o in outs:
+        (lp,) = o.logprobs
+        assert lp.token_id == o.delta_token_ids[0] and lp.logprob <= 0
+        assert lp.top[0][0] == lp.token_id and len(lp.top) == 2  # greedy took the top token
+
+
+def test_bad_requests_raise_engine_errors_with_clear_messages(engine):
+    with pytest.raises(InvalidSamplingParamsError, match="top_p"):
+        engine.add_request("x", SamplingParams(top_p=0.0))
+    with pytest.raises(RequestTooLongError, match="context"):
+        engine.add_request(list(range(4, 4 + engine.max_model_len)))
+    assert not engine.has_unfinished
+
+
+def test_a_small_kv_budget_gives_fewer_slots_and_still_serves_everyone(lm_repo, prompts):
+    probe = Engine.from_repository(lm_repo, MODEL, threads=1)
+    per_slot = probe.kv_stats().bytes_per_block
+    config = EngineConfig(max_num_seqs=8, kv_cache_bytes=2 * per_slot + 100)
+    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=config)
+    stats = engine.kv_stats()
+    assert stats.num_blocks == 2 and engine.runner.kv_bytes == 2 * per_slot
+    outs = engine.generate_all(prompts, GREEDY)
+    assert all(o.finish_reason == "length" for o in outs)
+    assert engine.kv_stats().peak_bytes <= engine.kv_stats().budget_bytes
+    assert engine.kv_stats().used_blocks == 0
+
+
+def test_an_altered_file_is_refused_before_anything_loads(lm_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(lm_repo, repo)
+    graph = repo / MODEL / "1" / "kv_inplace.onnx"
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    with pytest.raises(EngineError, match="kv_inplace.onnx"):
+        Engine.from_repository(repo, MODEL)
+    with pytest.raises(EngineError, match="no model"):
+        Engine.from_repository(repo, "missing-model")
+
+
+def test_a_repository_with_one_model_needs_no_model_name(lm_repo):
+    engine = Engine.from_repository(lm_repo, threads=1)
+    assert engine.model.name == MODEL and engine.model.version == 1
+
+
+def test_the_serving_path_never_imports_torch(lm_repo):
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json, sys
+        from engine.runtime import Engine, SamplingParams
+        engine = Engine.from_repository({str(lm_repo)!r}, {MODEL!r}, threads=1)
+        async def main():
+            params = SamplingParams(temperature=0.8, seed=1, max_tokens=5, stop=["zz"])
+            return [o.delta_text async for o in engine.generate("def f(x):", params)]
+        deltas = asyncio.run(main())
+        print(json.dumps({{"deltas": deltas, "torch": "torch" in sys.modules}}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["torch"] is False and len(result["deltas"]) >= 1
