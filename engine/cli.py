@@ -9,8 +9,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from engine import cli_runtime
 from engine.errors import EngineError
 
 app = typer.Typer(
@@ -158,6 +160,130 @@ def export_cmd(
     console.print(f"exported: {version_dir}")
 
 
+cli_runtime.register(app)
+
+
+@app.command("serve")
+def serve_cmd(
+    repo: Annotated[Path, typer.Option(help="Model repository directory.")],
+    models: Annotated[str | None, typer.Option(help="Comma-separated models [all].")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 50051,
+    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="Prometheus port.")] = 9090,
+    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="No metrics endpoint.")] = False,
+    auth_token_file: Annotated[Path | None, typer.Option(help="Require this bearer token.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (with --tls-key).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or tensorrt.")] = "cpu",
+    backend: Annotated[str | None, typer.Option(help="Backend name [by device].")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads.")] = None,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds to drain on SIGTERM.")] = 30.0,
+    max_running: Annotated[int, typer.Option(min=1, help="Requests in flight per model.")] = 64,
+    max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests per model.")] = 256,
+    max_message_mb: Annotated[float, typer.Option(min=0.001, help="Largest request.")] = 4.0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+) -> None:
+    """Serve every model of a repository over gRPC (engine.v1 + KServe v2) until SIGTERM."""
+    from engine.server.cli_commands import serve
+
+    serve(repo, models=models, host=host, port=port,
+          metrics_port=None if no_metrics else metrics_port, auth_token_file=auth_token_file,
+          tls_cert=tls_cert, tls_key=tls_key, device=device, backend=backend, threads=threads,
+          grace=grace, max_running=max_running, max_waiting=max_waiting,
+          max_message_mb=max_message_mb, log_level=log_level)
+
+
+client_app = typer.Typer(no_args_is_help=True, help="Call a running `engine serve`.")
+app.add_typer(client_app, name="client")
+TargetOpt = Annotated[str, typer.Option(help="Server address host:port.")]
+TokenOpt = Annotated[
+    str | None, typer.Option(envvar="ENGINE_AUTH_TOKEN", help="Bearer token.", show_default=False)
+]
+TokenFileOpt = Annotated[Path | None, typer.Option("--auth-token-file", help="File with the token.")]
+TlsOpt = Annotated[bool, typer.Option(help="Use TLS.")]
+TlsCaOpt = Annotated[Path | None, typer.Option(help="CA certificate to trust (PEM).")]
+TimeoutOpt = Annotated[float | None, typer.Option(help="Deadline in seconds.")]
+
+
+@client_app.command("generate")
+def client_generate_cmd(
+    model: str,
+    prompt: str,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float | None, typer.Option(min=0.0)] = None,
+    top_k: Annotated[int | None, typer.Option(min=0)] = None,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    target: TargetOpt = "127.0.0.1:50051",
+    token: TokenOpt = None,
+    auth_token_file: TokenFileOpt = None,
+    tls: TlsOpt = False,
+    tls_ca: TlsCaOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Stream a completion from a served language model to the terminal."""
+    from engine.server.cli_commands import client_generate
+
+    client_generate(target, model, prompt, max_tokens=max_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, seed=seed, stop=stop or (), token=token,
+                    token_file=auth_token_file, tls=tls, tls_ca=tls_ca, timeout=timeout)
+
+
+@client_app.command("classify")
+def client_classify_cmd(
+    model: str,
+    texts: list[str],
+    target: TargetOpt = "127.0.0.1:50051",
+    token: TokenOpt = None,
+    auth_token_file: TokenFileOpt = None,
+    tls: TlsOpt = False,
+    tls_ca: TlsCaOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Classify texts with a served classifier; prints label, probability, text."""
+    from engine.server.cli_commands import client_classify
+
+    client_classify(target, model, texts, token=token, token_file=auth_token_file, tls=tls,
+                    tls_ca=tls_ca, timeout=timeout)
+
+
+@client_app.command("sample-images")
+def client_sample_images_cmd(
+    model: str,
+    digits: list[int],
+    seed: Annotated[int | None, typer.Option()] = None,
+    out_dir: Annotated[Path, typer.Option(help="Where the PNGs go.")] = Path("."),
+    target: TargetOpt = "127.0.0.1:50051",
+    token: TokenOpt = None,
+    auth_token_file: TokenFileOpt = None,
+    tls: TlsOpt = False,
+    tls_ca: TlsCaOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Generate digit images with a served GAN and write one PNG per digit."""
+    from engine.server.cli_commands import client_sample_images
+
+    client_sample_images(target, model, digits, seed=seed, out_dir=out_dir, token=token,
+                         token_file=auth_token_file, tls=tls, tls_ca=tls_ca, timeout=timeout)
+
+
+@client_app.command("models")
+def client_models_cmd(
+    target: TargetOpt = "127.0.0.1:50051",
+    token: TokenOpt = None,
+    auth_token_file: TokenFileOpt = None,
+    tls: TlsOpt = False,
+    tls_ca: TlsCaOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """List the models a server serves."""
+    from engine.server.cli_commands import client_models
+
+    client_models(target, token=token, token_file=auth_token_file, tls=tls, tls_ca=tls_ca,
+                  timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; turn every EngineError into a one-line message and exit code 2."""
     try:
@@ -165,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except EngineError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -96,9 +96,14 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-@lru_cache(maxsize=1)
-def _cached_manager() -> pluggy.PluginManager:
+@lru_cache(maxsize=4)
+def _manager_for(env_value: str) -> pluggy.PluginManager:
     return get_plugin_manager()
+
+
+def _cached_manager() -> pluggy.PluginManager:
+    """One manager per process and ENGINE_PLUGINS value (entry points are read once)."""
+    return _manager_for(os.environ.get(ENV_VAR, ""))
 
 
 def plugin_info(pm: pluggy.PluginManager, plugin: Any) -> PluginInfo:

@@ -183,7 +183,7 @@ def train(
             task = bar.add_task(arch.name, total=total, completed=start_step, loss=float("nan"),
                                 speed=0.0, unit=unit)
             for step in range(start_step, total):
-                ctx = StepContext(dev, step, dist.sync_grads, getattr(config, "grad_clip", 1.0))
+                ctx = StepContext(dev, step, dist.sync_grads, getattr(config, "grad_clip", None))
                 last = arch.training_step(model, next(batches), optimizers, ctx)
                 items += float(last.get("items", 0)) * dist.world_size
                 speed = items / max(time.perf_counter() - t0, 1e-9)

@@ -29,7 +29,8 @@ MAIN_FILE = "model.onnx"
 TRACE_SIZES = {"batch": 2, "seq": 3, "past": 5}
 FP16_NOTE = (
     "fp16 halves the file size and is meant for GPUs (CUDA / TensorRT execution). On CPU, "
-    "onnxruntime runs it slower than fp32: it has few fp16 kernels and casts around the rest."
+    "onnxruntime runs it no faster and often slower than fp32: it has few fp16 kernels and "
+    "casts around the rest."
 )
 # serving_metadata keys that name the longest sequence a model takes, most specific first
 CONTEXT_KEYS = ("context_length", "max_length", "max_seq", "block_size", "n_ctx")

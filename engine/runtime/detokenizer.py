@@ -1,9 +1,13 @@
 """Incremental detokenization with stop strings that may span token boundaries.
 
-Text is decoded from a short window of recent tokens (the prefix/read offsets of Hugging
-Face's TGI and vLLM), so each step costs O(1) in the output length, and a window that ends in
-an incomplete UTF-8 character (U+FFFD) waits for the next token. Text that could be the start
-of a stop string is held back until the next tokens decide it.
+Two ways to turn one more token into text, both O(1) in the output length:
+
+* a ``step`` function, e.g. ``tokenizers.decoders.DecodeStream.step`` (Rust; it buffers an
+  incomplete UTF-8 character itself and returns None until it completes); or
+* ``decode`` over a short window of recent tokens (the prefix/read offsets of Hugging Face's
+  TGI and vLLM), where a window ending in U+FFFD (an incomplete character) waits for more.
+
+Text that could be the start of a stop string is held back until the next tokens decide it.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 _REPLACEMENT = "\ufffd"
+CONTEXT_TOKENS = 4  # prompt tokens decoded with the first output token (e.g. a leading space)
 
 
 class IncrementalDetokenizer:
     """Turn one request's output tokens into text deltas, cutting at the first stop string.
 
-    ``decode`` maps token ids to text (e.g. ``tokenizers.Tokenizer.decode``). The matched stop
-    string is not part of the output, as in OpenAI's API.
+    ``decode`` maps token ids to text (e.g. ``tokenizers.Tokenizer.decode``); ``step``, when
+    given, maps one new token id to its new text (or None) and is used instead. The matched
+    stop string is not part of the output, as in OpenAI's API.
     """
 
     def __init__(
@@ -25,44 +31,38 @@ class IncrementalDetokenizer:
         decode: Callable[[list[int]], str],
         stop: Sequence[str] = (),
         context_ids: Sequence[int] = (),
+        step: Callable[[int], str | None] | None = None,
     ):
         self._decode = decode
+        self._step = step
         self.stop = tuple(stop)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
-        # A few prompt tokens give the first output token its context (e.g. a leading space).
-        self._ids: list[int] = list(context_ids[-4:])
+        self._ids: list[int] = list(context_ids[-CONTEXT_TOKENS:])
         self._prefix = 0
         self._read = len(self._ids)
         self.text = ""  # all decoded output text (before any stop cut)
         self._emitted = 0  # characters of ``text`` handed out
         self.stopped_on: str | None = None
 
-    def push(self, token_id: int) -> tuple[list[int], list[int]] | None:
-        """Add one token; return the two id windows to decode (None once stopped).
-
-        Callers decode the windows (for many requests at once with ``decode_batch``) and pass
-        the texts to :meth:`accept`; :meth:`add` does both for one request.
-        """
-        if self.stopped_on is not None:
-            return None
-        self._ids.append(token_id)
-        return self._ids[self._prefix : self._read], self._ids[self._prefix :]
-
-    def accept(self, prefix_text: str, full_text: str) -> str:
-        """Take the decoded windows of the last :meth:`push`; return the text safe to emit."""
-        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
-            return ""  # no new character yet, or a multi-byte character is incomplete
-        start = max(len(self.text) - self._hold, 0)
-        self.text += full_text[len(prefix_text) :]
-        self._prefix, self._read = self._read, len(self._ids)
-        return self._release(start)
-
     def add(self, token_id: int) -> str:
         """Add one token; return the text that is now safe to emit (possibly empty)."""
-        windows = self.push(token_id)
-        if windows is None:
+        if self.stopped_on is not None:
             return ""
-        return self.accept(self._decode(windows[0]), self._decode(windows[1]))
+        if self._step is not None:
+            piece = self._step(token_id)
+            return self._append(piece) if piece else ""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
+        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
+            return ""  # no new character yet, or a multi-byte character is incomplete
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._append(full_text[len(prefix_text) :])
+
+    def _append(self, piece: str) -> str:
+        start = max(len(self.text) - self._hold, 0)
+        self.text += piece
+        return self._release(start)
 
     def _release(self, search_from: int) -> str:
         text = self.text
@@ -86,12 +86,10 @@ class IncrementalDetokenizer:
         """The held-back text, when the request ends for another reason than a stop string."""
         if self.stopped_on is not None:
             return ""
-        if len(self._ids) > self._read:  # tokens still waiting for a complete character
+        if self._step is None and len(self._ids) > self._read:  # an incomplete last character
             prefix_text = self._decode(self._ids[self._prefix : self._read])
-            start = max(len(self.text) - self._hold, 0)
-            self.text += self._decode(self._ids[self._prefix :])[len(prefix_text) :]
             self._read = len(self._ids)
-            delta = self._release(start)
+            delta = self._append(self._decode(self._ids[self._prefix :])[len(prefix_text) :])
             if self.stopped_on is not None:
                 return delta
             return delta + self._emit(len(self.text))
@@ -101,23 +99,6 @@ class IncrementalDetokenizer:
     def output_text(self) -> str:
         """The text emitted so far."""
         return self.text[: self._emitted]
-
-
-def detokenize_batch(
-    detokenizers: Sequence[IncrementalDetokenizer],
-    token_ids: Sequence[int],
-    decode: Callable[[list[int]], str],
-) -> list[str]:
-    """Add one token to each detokenizer; return the text deltas.
-
-    One ``decode`` call per window: ``tokenizers``' ``decode_batch`` hands small batches to a
-    thread pool, which cost ~10 ms a step on a busy 2-core machine against ~3 us a window here.
-    """
-    deltas = []
-    for d, t in zip(detokenizers, token_ids):
-        windows = d.push(t)
-        deltas.append("" if windows is None else d.accept(decode(windows[0]), decode(windows[1])))
-    return deltas
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

@@ -8,6 +8,7 @@ steps the engine for every request in flight. Loading never imports torch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.runtime.backends import BackendOptions
-from engine.runtime.detokenizer import IncrementalDetokenizer, detokenize_batch
+from engine.runtime.detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer
 from engine.runtime.errors import InvalidPromptError, ModelSignatureError
 from engine.runtime.kv_cache import KVCacheManager, KVCacheSpec, KVCacheStats
 from engine.runtime.loader import ModelVersion, open_version
@@ -79,7 +80,7 @@ class EngineConfig:
     io_binding: bool = True
     # The async loop runs the graph in a worker thread (onnxruntime releases the GIL), so a
     # server's event loop keeps answering while a step computes; scheduling stays on the loop.
-    execute_in_thread: bool = True
+    execute_in_thread: bool = False
 
 
 class LLMEngine:
@@ -185,8 +186,20 @@ class LLMEngine:
         ids = self.encode(prompt)
         request = Request(request_id, ids, params, eos_token_id=self.eos_token_id)
         self.scheduler.add_request(request)
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer.decode, params.stop, ids)
+        self._detok[request_id] = self._detokenizer(ids, params.stop)
         return request_id
+
+    def _detokenizer(self, prompt_ids: list[int], stop: Sequence[str]) -> IncrementalDetokenizer:
+        """A detokenizer on ``tokenizers``' DecodeStream where it exists (one Rust call a token)."""
+        try:
+            from tokenizers.decoders import DecodeStream
+
+            context = prompt_ids[-CONTEXT_TOKENS:]
+            stream = DecodeStream(ids=context, skip_special_tokens=True)
+            step = functools.partial(stream.step, self.tokenizer)
+        except (ImportError, TypeError):  # tokenizers < 0.21, or without the ids argument
+            step = None
+        return IncrementalDetokenizer(self.tokenizer.decode, stop, prompt_ids, step)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its memory is freed now and its stream ends with ``abort``."""
@@ -241,7 +254,7 @@ class LLMEngine:
         self.num_generated_tokens += sum(live)
         rows = [i for i, ok in enumerate(live) if ok]
         detoks = [self._detok[requests[i].request_id] for i in rows]
-        deltas = detokenize_batch(detoks, [token_ids[i] for i in rows], self.tokenizer.decode)
+        deltas = [d.add(token_ids[i]) for d, i in zip(detoks, rows)]
         outputs = []
         for i, delta in zip(rows, deltas):
             outputs.append(self._output(requests[i], token_ids[i], delta, sampled, i))

@@ -9,12 +9,13 @@ other rows or the batch size, so a seeded request gives the same tokens alone or
   1, 2, 3"), computed for all rows at once in uint64 numpy. A ``numpy.random.Philox`` per
   request would mean a Python loop constructing B generators every step.
 * Tokens are ordered by a unique key (logit descending, then token id), so ties break the
-  same way everywhere and a top-K partition always holds the same K tokens.
+  same way everywhere and the first k tokens of a row are the same k however they are found.
 * Rows are sampled by inverse CDF over that order, truncated by min_p, top_k and top_p. Only a
-  short sorted prefix (``_PREFIX`` tokens) is usually needed; rows whose truncated set or draw
-  reaches past it are redone with a full sort. Both paths compute the same numbers (the same
-  cumulative sums over the same order, the same masked totals), so the result does not depend
-  on which path a row took.
+  short sorted prefix (``_PREFIXES[0]`` tokens) is usually needed; rows whose truncated set or
+  draw reaches past it are redone with a longer one, finally a full sort. All paths compute the
+  same numbers (the same cumulative sums over the same order, the same masked totals), so the
+  result does not depend on which path a row took. Rows that truncate nothing (no top_k, top_p
+  or min_p) draw in vocabulary order instead, which needs no sort.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import numpy as np
 
 from engine.runtime.sampling_params import SamplingParams
 
-_PREFIX = 64  # sorted tokens examined before falling back to a full sort of a row
+# Sorted prefix lengths tried in turn (the last, "all", never fails): most rows of a trained
+# LM need the first; a flat distribution with a wide nucleus ends in a full sort.
+_PREFIXES = (64, 1024, 1 << 62)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden ratio)
 
@@ -207,14 +210,24 @@ def _draw(
 
 def _sample_rows(x: np.ndarray, params: SamplingArrays, u: np.ndarray) -> np.ndarray:
     """Sample the non-greedy rows ``x`` (R, V) of penalised logits."""
+    V = x.shape[1]
     z = x / params.temperature[:, None]
     p = np.exp(z - z.max(axis=1, keepdims=True))  # (R, V) float32, top entry exactly 1
-    prefix, avail = _sorted_prefix(x, _PREFIX)
-    tokens, ok = _draw(p, x, prefix, avail, params, u)
-    if not ok.all():  # rare: a long tail or a wide top_k; sort those rows fully
-        bad = np.flatnonzero(~ok)
-        prefix, avail = _sorted_prefix(x[bad], x.shape[1])
-        tokens[bad], _ = _draw(p[bad], x[bad], prefix, avail, params.take(bad), u[bad])
+    tokens = np.zeros(len(x), np.int64)
+    # Rows that truncate nothing need no order at all: inverse CDF in vocabulary order.
+    plain = (params.top_k == 0) & (params.top_p >= 1.0) & (params.min_p == 0.0)
+    if plain.any():
+        cum = np.cumsum(p[plain], axis=1, dtype=np.float64)
+        target = u[plain] * cum[:, -1]
+        tokens[plain] = np.minimum((cum <= target[:, None]).sum(axis=1), V - 1)
+    todo = np.flatnonzero(~plain)
+    for k in _PREFIXES:  # a longer sorted prefix only for the rows the shorter one failed
+        if todo.size == 0:
+            break
+        prefix, avail = _sorted_prefix(x[todo], k)
+        drawn, ok = _draw(p[todo], x[todo], prefix, avail, params.take(todo), u[todo])
+        tokens[todo[ok]] = drawn[ok]
+        todo = todo[~ok]
     return tokens
 
 

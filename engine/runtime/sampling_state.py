@@ -21,6 +21,9 @@ class SamplingState:
         # Allocated on the first request that uses a penalty: (rows, V) is the largest state here.
         self.output_counts: np.ndarray | None = None
         self.prompt_mask: np.ndarray | None = None
+        # Rows that only need an argmax (greedy, no penalty, no logprobs): a batch made of
+        # them skips the sampler entirely.
+        self.argmax_only = np.zeros(num_rows, bool)
 
     def set_row(
         self,
@@ -39,6 +42,7 @@ class SamplingState:
             or params.presence_penalty != 0.0
             or params.frequency_penalty != 0.0
         )
+        self.argmax_only[row] = params.greedy and not penalised and params.logprobs is None
         if penalised and self.output_counts is None:
             rows = len(self.arrays.seed)
             self.output_counts = np.zeros((rows, self.vocab_size), np.int32)
@@ -51,6 +55,8 @@ class SamplingState:
 
     def sample(self, logits: np.ndarray, rows: np.ndarray, steps: np.ndarray) -> SamplerOutput:
         """Sample one token for each of ``rows`` from ``logits`` (B, V) and count it."""
+        if self.argmax_only[rows].all():
+            return SamplerOutput(token_ids=logits.argmax(axis=1).astype(np.int64))
         params = self.arrays.take(rows)
         counts = mask = None
         if self.output_counts is not None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from engine.atomic import write_bytes
 from engine.errors import EngineError
 
 
@@ -192,7 +193,7 @@ def client_sample_images(
     paths = []
     for i, image in enumerate(response.images):
         path = out_dir / f"digit{image.digit}_{i}.png"
-        path.write_bytes(image.png)
+        write_bytes(path, image.png)  # atomic: a reader never sees half a PNG
         paths.append(path)
         out.write(f"{path}\n")
     out.write(f"seed {response.seed}\n")

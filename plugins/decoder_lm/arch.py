@@ -156,14 +156,18 @@ class DecoderLM(Architecture):
     def sample(
         self, model: nn.Module, ckpt_dir: Path, config: DecoderLMConfig, options: dict
     ) -> str:
-        """Continue ``prompt`` (default ``"def "``) with the KV cache; return prompt + continuation.
+        """Continue ``prompt`` (default ``"def "``) using the KV cache; return the whole text.
 
         Options: max_tokens (64), temperature (0.8; 0 is greedy), top_k (0 = off),
-        top_p (1.0 = off), seed (0).
+        top_p (1.0 = off), seed (0). One trailing space is left for the model to generate:
+        byte-level BPE glues a space to the word after it, so ``"def "`` would otherwise end in
+        a lone-space token that code rarely contains.
         """
         tokenizer = lm_data.load_tokenizer(Path(ckpt_dir) / lm_data.TOKENIZER_FILE)
         eos = tokenizer.token_to_id(EOT)
-        prompt = options.get("prompt", "def ")
+        prompt = str(options.get("prompt", "def "))
+        if prompt.endswith(" ") and prompt.strip():
+            prompt = prompt[:-1]
         ids = tokenizer.encode(prompt).ids[-(config.block_size - 1) :] or [eos]
         gen = torch.Generator().manual_seed(int(options.get("seed", 0)))
         device = next(model.parameters()).device

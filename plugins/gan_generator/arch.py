@@ -18,7 +18,7 @@ from engine.architecture import (
     StepContext,
     TensorSpec,
 )
-from plugins.gan_generator.data import Digits, load_digit_split, random_batches
+from plugins.gan_generator.data import load_digit_split, random_batches
 from plugins.gan_generator.judge import judge_predict, train_judge, within_class_distance
 from plugins.gan_generator.model import (
     IMAGE_SHAPE,
@@ -34,11 +34,11 @@ MIN_JUDGE_ACCURACY = 0.97
 MIN_CONDITIONAL_ACCURACY = 0.95
 MIN_DIVERSITY_RATIO = 0.8
 
+_bce = F.binary_cross_entropy_with_logits  # on logits: stabler than sigmoid + BCELoss
+
 
 @torch.no_grad()
-def generate(
-    model: ConditionalGan, labels: np.ndarray, latent_dim: int, seed: int
-) -> np.ndarray:
+def generate(model: ConditionalGan, labels: np.ndarray, latent_dim: int, seed: int) -> np.ndarray:
     """Draw one image per label with seeded noise; returns (N, 1, 8, 8) float32 in [-1, 1]."""
     gen = model.generator
     device = next(gen.parameters()).device
@@ -69,8 +69,10 @@ class GanGenerator(Architecture):
                 torch.nn.init.normal_(m.weight, 0.0, 0.02)
         return model
 
-    def load_data(self, config: GanConfig, cache_dir: Path, artifacts_dir: Path | None) -> DataBundle:
-        """Load the stratified digits split; nothing is cached or saved (the data ships with sklearn)."""
+    def load_data(
+        self, config: GanConfig, cache_dir: Path, artifacts_dir: Path | None
+    ) -> DataBundle:
+        """Load the stratified digits split (it ships with sklearn: nothing to cache or save)."""
         train, held_out = load_digit_split(config.holdout, config.split_seed)
         info = {"train_images": len(train), "eval_images": len(held_out), "classes": NUM_CLASSES}
         return DataBundle(train=train, eval=held_out, info=info)
@@ -104,18 +106,18 @@ class GanGenerator(Architecture):
         # D step: detach so the D loss does not backpropagate into (or waste time on) G
         d_real = model.discriminator(real, real_labels)
         d_fake = model.discriminator(fake.detach(), fake_labels)
-        loss_d = F.binary_cross_entropy_with_logits(
-            d_real, real_target
-        ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+        loss_d = _bce(d_real, real_target) + _bce(d_fake, torch.zeros_like(d_fake))
         ctx.step(loss_d, opt_d)
 
         # G step: non-saturating loss against the just-updated D; only opt_g moves
         d_fake = model.discriminator(fake, fake_labels)
-        loss_g = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+        loss_g = _bce(d_fake, torch.ones_like(d_fake))
         ctx.step(loss_g, opt_g)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "loss": loss_g.item(), "items": n}
 
-    def evaluate(self, model: ConditionalGan, data: DataBundle, config: GanConfig) -> dict[str, Any]:
+    def evaluate(
+        self, model: ConditionalGan, data: DataBundle, config: GanConfig
+    ) -> dict[str, Any]:
         """Judge 100 generated samples per digit with a classifier trained on real digits only."""
         train, held_out = data.train, data.eval
         judge = train_judge(train)
@@ -152,8 +154,10 @@ class GanGenerator(Architecture):
         return QualityResult(True, said)
 
     # -- inspection -----------------------------------------------------------------------------
-    def sample(self, model: ConditionalGan, ckpt_dir: Path, config: GanConfig, options: dict) -> str:
-        """Write a 10x10 PNG grid (row = digit) to ``options["out"]`` (default: in the checkpoint)."""
+    def sample(
+        self, model: ConditionalGan, ckpt_dir: Path, config: GanConfig, options: dict
+    ) -> str:
+        """Write a 10x10 PNG grid (row = digit) to ``options["out"]`` [CKPT/samples.png]."""
         from PIL import Image
 
         out = Path(options.get("out") or Path(ckpt_dir) / "samples.png")
@@ -174,7 +178,7 @@ class GanGenerator(Architecture):
 
     # -- export and serving ---------------------------------------------------------------------
     def export_signature(self, config: GanConfig, variant: str = "default") -> ExportSignature:
-        """Inputs ``z`` (batch, latent) and ``labels`` (batch,); output ``images`` (batch, 1, 8, 8)."""
+        """Inputs ``z`` (batch, latent), ``labels`` (batch,); output ``images`` (batch, 1, 8, 8)."""
         return ExportSignature(
             inputs=(
                 TensorSpec("z", "float32", ("batch", config.latent_dim)),
@@ -190,7 +194,13 @@ class GanGenerator(Architecture):
         return GeneratorExport(model.generator)
 
     def example_inputs(
-        self, config: GanConfig, batch: int, seq: int, past: int, seed: int = 0, variant: str = "default"
+        self,
+        config: GanConfig,
+        batch: int,
+        seq: int,
+        past: int,
+        seed: int = 0,
+        variant: str = "default",
     ) -> dict[str, Any]:
         """Standard-normal noise and random digits for ``batch`` rows (``seq``/``past`` unused)."""
         rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""A label-conditioned DCGAN for 8x8 digits: generator, discriminator and the module holding both."""
+"""A label-conditioned DCGAN for 8x8 digits: generator, discriminator, and a module holding both."""
 
 from __future__ import annotations
 

@@ -171,7 +171,7 @@ class TextClassifierArch(Architecture):
         )
 
     def configure_optimizers(self, model: TextClassifier, config: TextClassifierConfig) -> list:
-        """One AdamW; no weight decay on biases, LayerNorms and the MLM bias (1-D tensors)."""
+        """One AdamW; no weight decay on biases and LayerNorms (the 1-D tensors)."""
         params = [p for p in model.parameters() if p.requires_grad]
         schedule = {
             "pretrain_steps": config.pretrain_steps,
@@ -380,7 +380,7 @@ def _cls_bag_of_words_loss(
     input, which is what the classifier reads. It reuses the MLM head: one more row per window.
     """
     original = torch.where(targets != -100, targets, ids)[:, 1:]  # (B, T-1) the window's tokens
-    bag = torch.zeros(len(ids), model.mlm_bias.numel(), device=ids.device)
+    bag = torch.zeros(len(ids), model.tok_emb.num_embeddings, device=ids.device)
     bag.scatter_add_(1, original, torch.ones_like(original, dtype=bag.dtype))
     bag = bag / bag.sum(-1, keepdim=True)  # (B, vocab)
     log_probs = F.log_softmax(model.mlm_logits(hidden[:, 0]), dim=-1)  # (B, vocab)

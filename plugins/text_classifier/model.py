@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Finite so fp16 exports hold no inf (and a row can never become NaN); exp(-1e4) is exactly 0
@@ -62,9 +61,10 @@ class Block(nn.Module):
 class TextClassifier(nn.Module):
     """Token + learned position embeddings, pre-LN blocks, final LN; heads read the outputs.
 
-    ``forward`` classifies from the [CLS] position (index 0). ``mlm_logits`` predicts tokens at
-    chosen positions through a transform whose decoder is tied to the token embedding, so
-    pretraining adds only d_model^2 + vocab parameters.
+    ``forward`` classifies from the [CLS] position (index 0). ``mlm_logits`` predicts tokens
+    for pretraining through its own decoder: tied to the token embedding, Adam would move every
+    embedding row by about the learning rate each step (the softmax touches all of them) and a
+    short pretraining run leaves the embeddings worse than random for fine-tuning.
     """
 
     def __init__(
@@ -88,7 +88,7 @@ class TextClassifier(nn.Module):
         self.mlm_transform = nn.Sequential(
             nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model)
         )
-        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.mlm_decoder = nn.Linear(d_model, vocab_size)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -114,7 +114,7 @@ class TextClassifier(nn.Module):
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Map hidden states (N, C) of masked positions to vocabulary logits (N, vocab)."""
-        return F.linear(self.mlm_transform(hidden), self.tok_emb.weight, self.mlm_bias)
+        return self.mlm_decoder(self.mlm_transform(hidden))
 
 
 class ExportWrapper(nn.Module):

@@ -11,9 +11,9 @@ from engine import plugins
 TINY_PLUGIN = "tests.exporters.tiny_arch"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_plugin():
-    """Register ``tests.exporters.tiny_arch`` through ENGINE_PLUGINS for this session's tests."""
+    """Register ``tests.exporters.tiny_arch`` through ENGINE_PLUGINS for one test module."""
     before = os.environ.get(plugins.ENV_VAR)
     os.environ[plugins.ENV_VAR] = ",".join(filter(None, [before, TINY_PLUGIN]))
     plugins._cached_manager.cache_clear()
@@ -25,7 +25,7 @@ def tiny_plugin():
     plugins._cached_manager.cache_clear()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def train_tiny(tiny_plugin, tmp_path_factory):
     """Return a function that trains the tiny classifier with config overrides (cached)."""
     from engine.trainer import train
@@ -43,7 +43,7 @@ def train_tiny(tiny_plugin, tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_ckpt(train_tiny):
     """A trained checkpoint of the tiny classifier with its true signature."""
     return train_tiny()

@@ -160,7 +160,9 @@ def test_wrong_output_width_fails_the_shapes_step(exported, tmp_path):
         validate_export(arch, config, model, vdir, _corrupt(vdir, tmp_path, widen), fp16=False)
 
 
-def test_signature_that_declares_the_wrong_width_fails_the_shapes_step(train_tiny, tmp_path):
+def test_signature_that_declares_the_wrong_width_fails_the_shapes_step(
+    train_tiny, tmp_path, fast_exporter
+):
     ckpt = train_tiny(declared_classes=7)
     with pytest.raises(ShapeMismatch, match="signature .*'batch', 7"):
         _export(ckpt, tmp_path / "repo")

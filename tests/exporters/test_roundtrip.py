@@ -25,10 +25,10 @@ from exporters.validate import (
 TINY = {
     "decoder-lm": {
         "n_layer": 2, "n_embd": 64, "n_head": 2, "block_size": 128, "batch_size": 8,
-        "steps": 80, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 10, "eval_windows": 16,
+        "steps": 50, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 10, "eval_windows": 16,
     },
     "text-classifier": {
-        "d_model": 32, "n_layer": 1, "n_head": 2, "pretrain_steps": 30, "finetune_steps": 120,
+        "d_model": 32, "n_layer": 1, "n_head": 2, "pretrain_steps": 20, "finetune_steps": 80,
         "finetune_lr": 1e-3,
     },
     "gan-generator": {"steps": 60, "g_channels": 16, "d_channels": 16, "eval_per_class": 10},

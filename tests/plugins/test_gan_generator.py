@@ -17,6 +17,16 @@ from plugins.gan_generator.model import GanConfig
 TINY = {"g_channels": 32, "d_channels": 32, "batch_size": 64, "steps": 300, "eval_per_class": 30}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Run on one intra-op thread: these models are tiny, and on a busy 2-core machine a second
+    spinning thread made the tiny run 10x slower (162 s vs 15 s measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def arch() -> GanGenerator:
     return GanGenerator()
@@ -45,7 +55,7 @@ def test_short_run_draws_the_requested_digit(tiny_run):
     assert metrics["conditional_accuracy"] > 0.5  # chance is 0.1
     assert sorted(metrics["per_digit_accuracy"]) == [str(d) for d in range(10)]
     assert metrics["samples_judged"] == 10 * TINY["eval_per_class"]
-    assert 0.0 < metrics["diversity_ratio"]
+    assert metrics["diversity_ratio"] > 0.0
 
 
 def test_exported_generator_shape_range_and_conditioning(tiny_run):
@@ -130,7 +140,7 @@ def test_batches_are_seeded_per_rank(arch):
 
     images, labels = first(0, 0)
     assert images.shape == (16, 1, 8, 8) and labels.shape == (16,)
-    assert -1.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= -1.0 and images.max() <= 1.0
     assert torch.equal(images, first(0, 0)[0])
     assert not torch.equal(images, first(0, 1)[0])
     assert data.info["eval_images"] == len(data.eval) and set(data.eval.labels) == set(range(10))

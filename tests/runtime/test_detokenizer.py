@@ -26,12 +26,27 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
 
+    def stream(self):
+        """A step function like tokenizers' DecodeStream: None until a character completes."""
+        pending = bytearray()
 
-def run(text: str, cuts: list[int], stop: tuple[str, ...]):
+        def step(token_id: int) -> str | None:
+            pending.extend(self.pieces[token_id])
+            try:
+                text = pending.decode()
+            except UnicodeDecodeError:
+                return None
+            pending.clear()
+            return text
+
+        return step
+
+
+def run(text: str, cuts: list[int], stop: tuple[str, ...], streaming: bool = False):
     tok = ByteTokenizer()
     ids = tok.encode_chunks(text, cuts)
     pieces = [tok.pieces[i] for i in ids]
-    detok = IncrementalDetokenizer(tok.decode, stop)
+    detok = IncrementalDetokenizer(tok.decode, stop, step=tok.stream() if streaming else None)
     deltas = []
     for i in ids:
         deltas.append(detok.add(i))
@@ -66,9 +81,10 @@ alphabet = st.sampled_from(list("ab \n") + ["é", "€", "😀"])
     st.text(alphabet, max_size=40),
     st.lists(st.integers(0, 200), max_size=30),
     st.lists(st.text(alphabet, min_size=1, max_size=4), max_size=3),
+    st.booleans(),
 )
-def test_deltas_add_up_to_the_text_cut_at_the_first_stop_string(text, cuts, stop):
-    deltas, detok, pieces = run(text, cuts, tuple(stop))
+def test_deltas_add_up_to_the_text_cut_at_the_first_stop_string(text, cuts, stop, streaming):
+    deltas, detok, pieces = run(text, cuts, tuple(stop), streaming)
     assert "".join(deltas) == reference(pieces, tuple(stop))
     assert all("\ufffd" not in d for d in deltas)  # never half a character
     if detok.stopped_on is not None:

@@ -45,6 +45,7 @@ def test_greedy_tokens_match_a_bare_loop_over_the_default_graph(engine, lm_repo,
     assert [o.token_ids for o in outs] == expected
     assert len({t for e in expected for t in e}) > 40  # the model does not just repeat itself
     assert all(o.finish_reason == "length" and o.usage.completion_tokens == 24 for o in outs)
+    assert all(o.text == engine.tokenizer.decode(o.token_ids) for o in outs)
     assert engine.kv_stats().used_blocks == 0
 
 

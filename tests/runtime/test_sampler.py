@@ -103,13 +103,13 @@ def test_the_short_prefix_path_draws_what_a_full_sort_draws(row, k, top_p, min_p
     p = SamplingParams(temperature=1.0, top_k=k, top_p=top_p, min_p=min_p)
     a = arrays([p] * 64, [seed] * 64)
     fast = sample(logits, a, np.arange(64)).token_ids
-    old = sampler_mod._PREFIX
+    old = sampler_mod._PREFIXES
     try:
-        sampler_mod._PREFIX = logits.shape[1]  # force the full sort for every row
-        full = sample(logits, a, np.arange(64)).token_ids
+        for prefixes in [(1 << 62,), (3, 1 << 62), (8, 40, 1 << 62)]:  # full sort; other ladders
+            sampler_mod._PREFIXES = prefixes
+            assert sample(logits, a, np.arange(64)).token_ids.tolist() == fast.tolist()
     finally:
-        sampler_mod._PREFIX = old
-    assert fast.tolist() == full.tolist()
+        sampler_mod._PREFIXES = old
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,127 @@
+"""``engine generate|classify|sample-images``: the runtime in-process, without torch or gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from engine.errors import EngineError
+
+RepoOpt = Annotated[Path, typer.Option(help="Model repository directory.")]
+ModelOpt = Annotated[str | None, typer.Option(help="Model name [the only one].")]
+VersionOpt = Annotated[int | None, typer.Option(min=1, help="Version [latest].")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or tensorrt.")]
+ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="Intra-op threads.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the in-process runtime commands to ``app``."""
+    app.command("generate")(generate_cmd)
+    app.command("classify")(classify_cmd)
+    app.command("sample-images")(sample_images_cmd)
+
+
+def generate_cmd(
+    prompt: str,
+    repo: RepoOpt,
+    model: ModelOpt = None,
+    version: VersionOpt = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    top_k: Annotated[int, typer.Option(min=0, help="0 = off.")] = 0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    stream: Annotated[bool, typer.Option(help="Print text as it is generated.")] = True,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Generate text from a prompt with the continuous-batching runtime."""
+    from engine.runtime import Engine
+    from engine.runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, seed=seed, stop=tuple(stop or ()))
+    params.validate()
+    eng = Engine.from_repository(repo, model, version, device=device, threads=threads)
+    if getattr(eng, "task", "generate") != "generate":
+        raise EngineError(f"model {model or ''} serves {eng.task!r}, not generate")
+
+    async def run() -> None:
+        final = None
+        async for out in eng.generate(prompt, params):
+            if stream:
+                typer.echo(out.delta_text, nl=False)
+            final = out
+        if not stream and final is not None:
+            typer.echo(final.text, nl=False)
+        typer.echo()
+        if final is not None:
+            u = final.usage
+            typer.echo(f"[{final.finish_reason}; prompt {u.prompt_tokens} tokens, "
+                       f"completion {u.completion_tokens} tokens]", err=True)
+
+    try:
+        asyncio.run(run())
+    finally:
+        eng.close()
+
+
+def classify_cmd(
+    texts: list[str],
+    repo: RepoOpt,
+    model: ModelOpt = None,
+    version: VersionOpt = None,
+    top_k: Annotated[int, typer.Option(min=1)] = 3,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Classify texts; prints the top labels with their probabilities."""
+    from engine.runtime import Engine
+
+    eng = Engine.from_repository(repo, model, version, device=device, threads=threads)
+    if eng.task != "classify":
+        raise EngineError(f"the model serves {eng.task!r}, not classify")
+    try:
+        results = asyncio.run(eng.classify(texts, top_k=top_k))
+    finally:
+        eng.close()
+    for text, res in zip(texts, results):
+        top = ", ".join(f"{label} {p:.3f}" for label, p in res.top)
+        typer.echo(f"{res.label}\t[{top}]\t{text[:60]}")
+
+
+def sample_images_cmd(
+    repo: RepoOpt,
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("digits.png"),
+    digit: Annotated[list[int] | None, typer.Option(help="Digit(s) [0-9 all].")] = None,
+    n: Annotated[int, typer.Option(min=1, max=100, help="Images per digit.")] = 10,
+    seed: Annotated[int | None, typer.Option()] = None,
+    model: ModelOpt = None,
+    version: VersionOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Generate digit images with a conditional generator; writes a PNG grid (row = digit)."""
+    from PIL import Image
+
+    from engine.atomic import write_bytes
+    from engine.runtime import Engine
+    from engine.runtime.batched_engines import image_grid
+
+    eng = Engine.from_repository(repo, model, version, device=device, threads=threads)
+    if eng.task != "sample_images":
+        raise EngineError(f"the model serves {eng.task!r}, not sample_images")
+    digits = digit or list(range(10))
+    try:
+        images = asyncio.run(eng.sample_images(digits, n=n, seed=seed))
+    finally:
+        eng.close()
+    buf = io.BytesIO()
+    Image.fromarray(image_grid(images, columns=n)).save(buf, format="PNG")
+    write_bytes(out, buf.getvalue())
+    typer.echo(f"wrote {out} ({len(digits)} rows x {n} images)")
