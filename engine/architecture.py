@@ -70,7 +70,7 @@ class DataBundle:
 
 @dataclass
 class QualityResult:
-    """Whether evaluation metrics meet the architecture's quality bar, with a sentence saying why."""
+    """Whether evaluation metrics meet the quality bar, with a sentence saying why."""
 
     passed: bool
     summary: str
@@ -158,7 +158,7 @@ class Architecture(ABC):
 
         return dataclasses.replace(config, steps=steps)
 
-    def save_artifacts(self, data: DataBundle, out_dir: Path) -> None:
+    def save_artifacts(self, data: DataBundle, out_dir: Path) -> None:  # noqa: B027 - optional
         """Write artifacts such as a tokenizer into the checkpoint directory (default: none)."""
 
     # -- inspection ----------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class Architecture(ABC):
 
     @abstractmethod
     def serving_metadata(self, config: Any, ckpt_dir: Path) -> dict[str, Any]:
-        """What the runtime needs besides the graph (context length, eos id, labels, latent size)."""
+        """What the runtime needs besides the graph (context length, eos id, labels, latents)."""
 
     def artifact_files(self, ckpt_dir: Path) -> list[Path]:
         """Files besides the weights that the export copies into the model repository."""

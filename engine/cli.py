@@ -59,7 +59,9 @@ def plugins_cmd() -> None:
 def train_cmd(
     arch: Annotated[str, typer.Argument(help="Architecture name (see `engine plugins`).")],
     out: Annotated[Path | None, typer.Option(help="Checkpoint directory [runs/ARCH].")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [config default].")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Training steps [config default].")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     config: ConfigOpt = None,
@@ -79,8 +81,17 @@ def train_cmd(
     architecture, _ = get_architecture(arch)
     overrides = parse_overrides(architecture.config_class, config or [])
     out = out or Path("runs") / arch
-    path = train(arch, out, steps=steps, seed=seed, device=device, overrides=overrides,
-                 resume=resume, progress=progress, checkpoint_every=checkpoint_every)
+    path = train(
+        arch,
+        out,
+        steps=steps,
+        seed=seed,
+        device=device,
+        overrides=overrides,
+        resume=resume,
+        progress=progress,
+        checkpoint_every=checkpoint_every,
+    )
     metrics_path = path / "metrics.json"
     if os.environ.get("RANK", "0") == "0" and metrics_path.exists():  # rank 0 reports
         metrics = json.loads(metrics_path.read_text())
@@ -123,8 +134,12 @@ def sample_cmd(
     dev = resolve_device(device)
     arch, config, model = checkpoint.load(checkpoint_dir, device=str(dev))
     options: dict[str, Any] = {
-        "max_tokens": max_tokens, "temperature": temperature, "top_k": top_k,
-        "top_p": top_p, "seed": seed, **_parse_options(option),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+        **_parse_options(option),
     }
     for key, value in (("prompt", prompt), ("text", text), ("out", out)):
         if value is not None:
@@ -154,8 +169,16 @@ def export_cmd(
     if format not in formats:
         raise EngineError(f"unknown format {format!r}; known: {', '.join(sorted(formats))}")
     version_dir = formats[format].export(
-        Path(checkpoint_dir), Path(repo), name=name, fp16=fp16, opset=opset,
-        max_batch=max_batch, max_seq=max_seq, force=force, validate=validate, progress=progress,
+        Path(checkpoint_dir),
+        Path(repo),
+        name=name,
+        fp16=fp16,
+        opset=opset,
+        max_batch=max_batch,
+        max_seq=max_seq,
+        force=force,
+        validate=validate,
+        progress=progress,
     )
     console.print(f"exported: {version_dir}")
 
@@ -186,11 +209,24 @@ def serve_cmd(
     """Serve every model of a repository over gRPC (engine.v1 + KServe v2) until SIGTERM."""
     from engine.server.cli_commands import serve
 
-    serve(repo, models=models, host=host, port=port,
-          metrics_port=None if no_metrics else metrics_port, auth_token_file=auth_token_file,
-          tls_cert=tls_cert, tls_key=tls_key, device=device, backend=backend, threads=threads,
-          grace=grace, max_running=max_running, max_waiting=max_waiting,
-          max_message_mb=max_message_mb, log_level=log_level)
+    serve(
+        repo,
+        models=models,
+        host=host,
+        port=port,
+        metrics_port=None if no_metrics else metrics_port,
+        auth_token_file=auth_token_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        device=device,
+        backend=backend,
+        threads=threads,
+        grace=grace,
+        max_running=max_running,
+        max_waiting=max_waiting,
+        max_message_mb=max_message_mb,
+        log_level=log_level,
+    )
 
 
 client_app = typer.Typer(no_args_is_help=True, help="Call a running `engine serve`.")
@@ -199,7 +235,9 @@ TargetOpt = Annotated[str, typer.Option(help="Server address host:port.")]
 TokenOpt = Annotated[
     str | None, typer.Option(envvar="ENGINE_AUTH_TOKEN", help="Bearer token.", show_default=False)
 ]
-TokenFileOpt = Annotated[Path | None, typer.Option("--auth-token-file", help="File with the token.")]
+TokenFileOpt = Annotated[
+    Path | None, typer.Option("--auth-token-file", help="File with the token.")
+]
 TlsOpt = Annotated[bool, typer.Option(help="Use TLS.")]
 TlsCaOpt = Annotated[Path | None, typer.Option(help="CA certificate to trust (PEM).")]
 TimeoutOpt = Annotated[float | None, typer.Option(help="Deadline in seconds.")]
@@ -225,9 +263,22 @@ def client_generate_cmd(
     """Stream a completion from a served language model to the terminal."""
     from engine.server.cli_commands import client_generate
 
-    client_generate(target, model, prompt, max_tokens=max_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p, seed=seed, stop=stop or (), token=token,
-                    token_file=auth_token_file, tls=tls, tls_ca=tls_ca, timeout=timeout)
+    client_generate(
+        target,
+        model,
+        prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stop or (),
+        token=token,
+        token_file=auth_token_file,
+        tls=tls,
+        tls_ca=tls_ca,
+        timeout=timeout,
+    )
 
 
 @client_app.command("classify")
@@ -244,8 +295,16 @@ def client_classify_cmd(
     """Classify texts with a served classifier; prints label, probability, text."""
     from engine.server.cli_commands import client_classify
 
-    client_classify(target, model, texts, token=token, token_file=auth_token_file, tls=tls,
-                    tls_ca=tls_ca, timeout=timeout)
+    client_classify(
+        target,
+        model,
+        texts,
+        token=token,
+        token_file=auth_token_file,
+        tls=tls,
+        tls_ca=tls_ca,
+        timeout=timeout,
+    )
 
 
 @client_app.command("sample-images")
@@ -264,8 +323,18 @@ def client_sample_images_cmd(
     """Generate digit images with a served GAN and write one PNG per digit."""
     from engine.server.cli_commands import client_sample_images
 
-    client_sample_images(target, model, digits, seed=seed, out_dir=out_dir, token=token,
-                         token_file=auth_token_file, tls=tls, tls_ca=tls_ca, timeout=timeout)
+    client_sample_images(
+        target,
+        model,
+        digits,
+        seed=seed,
+        out_dir=out_dir,
+        token=token,
+        token_file=auth_token_file,
+        tls=tls,
+        tls_ca=tls_ca,
+        timeout=timeout,
+    )
 
 
 @client_app.command("models")
@@ -280,8 +349,9 @@ def client_models_cmd(
     """List the models a server serves."""
     from engine.server.cli_commands import client_models
 
-    client_models(target, token=token, token_file=auth_token_file, tls=tls, tls_ca=tls_ca,
-                  timeout=timeout)
+    client_models(
+        target, token=token, token_file=auth_token_file, tls=tls, tls_ca=tls_ca, timeout=timeout
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

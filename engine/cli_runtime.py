@@ -44,8 +44,14 @@ def generate_cmd(
     from engine.runtime import Engine
     from engine.runtime.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            top_k=top_k, seed=seed, stop=tuple(stop or ()))
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=tuple(stop or ()),
+    )
     params.validate()
     eng = Engine.from_repository(repo, model, version, device=device, threads=threads)
     if getattr(eng, "task", "generate") != "generate":
@@ -62,8 +68,11 @@ def generate_cmd(
         typer.echo()
         if final is not None:
             u = final.usage
-            typer.echo(f"[{final.finish_reason}; prompt {u.prompt_tokens} tokens, "
-                       f"completion {u.completion_tokens} tokens]", err=True)
+            typer.echo(
+                f"[{final.finish_reason}; prompt {u.prompt_tokens} tokens, "
+                f"completion {u.completion_tokens} tokens]",
+                err=True,
+            )
 
     try:
         asyncio.run(run())

@@ -58,7 +58,9 @@ def parse_overrides(cls: type, pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--config expects key=value, got {pair!r}")
         key, raw = (s.strip() for s in pair.split("=", 1))
         if key not in types_:
-            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(types_))}")
+            raise ConfigError(
+                f"unknown config key {key!r}; known keys: {', '.join(sorted(types_))}"
+            )
         out[key] = _parse_scalar(raw, types_[key], key)
     return out
 

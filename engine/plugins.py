@@ -82,14 +82,16 @@ def get_plugin_manager() -> pluggy.PluginManager:
         try:
             module = ep.load()
         except Exception as exc:  # a broken third-party plugin must say which one it is
-            raise PluginLoadError(f"entry point {ep.name!r} ({ep.value}) failed to load: {exc}")
+            msg = f"entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
+            raise PluginLoadError(msg) from exc
         dist = ep.dist.name if ep.dist else None
         register(module, ep.name, dist, f"entry point ({dist or ep.value})")
     for modname in filter(None, (m.strip() for m in os.environ.get(ENV_VAR, "").split(","))):
         try:
             module = importlib.import_module(modname)
         except ImportError as exc:
-            raise PluginLoadError(f"{ENV_VAR} names {modname!r}, which cannot be imported: {exc}")
+            msg = f"{ENV_VAR} names {modname!r}, which cannot be imported: {exc}"
+            raise PluginLoadError(msg) from exc
         register(module, modname, None, ENV_VAR)
     pm.check_pending()  # a misspelled hook name fails here, not silently
     pm.plugin_infos = infos  # type: ignore[attr-defined]
@@ -120,7 +122,9 @@ def architectures(pm: pluggy.PluginManager | None = None) -> dict[str, tuple[Any
         for arch in impl.function() or []:
             if arch.name in found:
                 other = found[arch.name][1].name
-                raise PluginLoadError(f"architecture {arch.name!r} registered by {other} and {info.name}")
+                raise PluginLoadError(
+                    f"architecture {arch.name!r} registered by {other} and {info.name}"
+                )
             found[arch.name] = (arch, info)
     return dict(sorted(found.items()))
 

@@ -170,8 +170,16 @@ def train(
     def save(step: int, metrics: dict[str, Any] | None) -> None:
         trainer_state = {"optimizers": [o.state_dict() for o in optimizers], "step": step}
         checkpoint.write(
-            out_dir, arch=arch, plugin=plugin, config=config, model=model, data=data,
-            step=step, seed=seed, metrics=metrics, trainer_state=trainer_state,
+            out_dir,
+            arch=arch,
+            plugin=plugin,
+            config=config,
+            model=model,
+            data=data,
+            step=step,
+            seed=seed,
+            metrics=metrics,
+            trainer_state=trainer_state,
             extra={"world_size": dist.world_size, "device": dev.type},
         )
 
@@ -180,8 +188,14 @@ def train(
     t0, items, last = time.perf_counter(), 0.0, {}
     try:
         with _progress(progress and is_main) as bar:
-            task = bar.add_task(arch.name, total=total, completed=start_step, loss=float("nan"),
-                                speed=0.0, unit=unit)
+            task = bar.add_task(
+                arch.name,
+                total=total,
+                completed=start_step,
+                loss=float("nan"),
+                speed=0.0,
+                unit=unit,
+            )
             for step in range(start_step, total):
                 ctx = StepContext(dev, step, dist.sync_grads, getattr(config, "grad_clip", None))
                 last = arch.training_step(model, next(batches), optimizers, ctx)
@@ -202,10 +216,14 @@ def train(
                 **metrics,
                 "quality": dataclasses.asdict(quality),
                 "train": {
-                    "steps": total, "resumed_from": start_step, "seconds": round(train_time, 2),
+                    "steps": total,
+                    "resumed_from": start_step,
+                    "seconds": round(train_time, 2),
                     f"{unit}_per_s": round(items / max(train_time, 1e-9), 1),
-                    "final_loss": last.get("loss"), "world_size": dist.world_size,
-                    "device": dev.type, "seed": seed,
+                    "final_loss": last.get("loss"),
+                    "world_size": dist.world_size,
+                    "device": dev.type,
+                    "seed": seed,
                 },
                 "data": data.info,
             }

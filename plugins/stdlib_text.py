@@ -104,7 +104,12 @@ def train_tokenizer(files: list[SourceFile], vocab_size: int = 8192):
 
 def encode_files(tokenizer, files: list[SourceFile], tag: str) -> np.ndarray:
     """Encode files into one uint16 token stream, files separated by end-of-text (cached)."""
-    key = _fingerprint(files, tag, tokenizer.get_vocab_size(), hashlib.sha256(tokenizer.to_str().encode()).hexdigest())
+    key = _fingerprint(
+        files,
+        tag,
+        tokenizer.get_vocab_size(),
+        hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+    )
     path = cache_dir() / f"tokens-{tag}-{key}.npy"
     if path.exists():
         return np.load(path)

@@ -25,7 +25,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "engine", *args],
-        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or ROOT,
     )
 
 

@@ -246,6 +246,8 @@ class DecoderLM(Architecture):
 
         Positions count each row's valid tokens, as the runtime assigns them.
         """
+        if variant not in self.export_variants(config):
+            raise ValueError(f"unknown export variant {variant!r} for {self.name}")
         rng = np.random.default_rng(seed)
         H, D = config.n_head, config.head_dim
         # Later rows get more left padding in the new chunk (row 0 none, at most half).
@@ -266,14 +268,10 @@ class DecoderLM(Architecture):
                 kv[f"{prefix}.{i}.{part}"] = rng.standard_normal((batch, H, past, D)).astype(
                     np.float32
                 )
+        ids = {"input_ids": input_ids, "position_ids": position_ids}
         if variant == "default":
-            attention_mask = np.concatenate([cache_mask, new_mask], axis=1)
-            ids = {"input_ids": input_ids, "position_ids": position_ids}
-            return {**ids, "attention_mask": attention_mask, **kv}
-        if variant == "kv_inplace":
-            ids = {"input_ids": input_ids, "position_ids": position_ids}
-            return {**ids, "cache_mask": cache_mask, "new_mask": new_mask, **kv}
-        raise ValueError(f"unknown export variant {variant!r} for {self.name}")
+            return {**ids, "attention_mask": np.concatenate([cache_mask, new_mask], 1), **kv}
+        return {**ids, "cache_mask": cache_mask, "new_mask": new_mask, **kv}
 
     def serving_metadata(self, config: DecoderLMConfig, ckpt_dir: Path) -> dict[str, Any]:
         """Shape of the KV cache, context length, special token ids and the tokenizer file."""

@@ -68,9 +68,10 @@ class TextClassifierConfig:
     # phase 1: masked-language-model pretraining on unlabeled stdlib source
     pretrain_steps: int = 600
     mlm_batch_size: int = 32
+    mlm_len: int = 64  # tokens per pretraining window, [CLS] included (<= max_len)
     mlm_prob: float = 0.15  # BERT's rate; of those 80% [MASK], 10% random, 10% kept
     pretrain_lr: float = 1e-3
-    cls_bow_weight: float = 1.0  # [CLS] predicts the window's bag of words: see _cls_bag_of_words_loss
+    cls_bow_weight: float = 1.0  # [CLS] predicts its window's bag of words (why: see the loss)
     # phase 2: fine-tuning on labeled docstrings
     finetune_steps: int = 600
     batch_size: int = 32
@@ -198,7 +199,7 @@ class TextClassifierArch(Architecture):
         labeled: textdata.LabeledSplit = data.train["labeled"]
         stream = data.train["stream"]
         shard = np.arange(rank, len(labeled.labels), world_size)  # each rank its own docstrings
-        mask_id, window = SPECIAL_TOKENS.index(MASK), config.max_len - 1
+        mask_id, window = SPECIAL_TOKENS.index(MASK), min(config.mlm_len, config.max_len) - 1
         pending: list[np.ndarray] = []
         while True:
             # MLM: random windows of the stream behind [CLS], 15% of tokens to predict

@@ -17,9 +17,16 @@ class ToyWithArtifacts(ToyRegression):
 def _write(tmp_path, arch, model):
     data = arch.load_data(ToyConfig(), tmp_path, None)
     return checkpoint.write(
-        tmp_path / "ckpt", arch=arch, plugin=PluginInfo("toy", "1.0", "test"),
-        config=ToyConfig(), model=model, data=data, step=3, seed=7,
-        metrics={"mse": 0.5}, trainer_state=None,
+        tmp_path / "ckpt",
+        arch=arch,
+        plugin=PluginInfo("toy", "1.0", "test"),
+        config=ToyConfig(),
+        model=model,
+        data=data,
+        step=3,
+        seed=7,
+        metrics={"mse": 0.5},
+        trainer_state=None,
     )
 
 

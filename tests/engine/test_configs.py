@@ -16,14 +16,27 @@ class Cfg:
 
 
 def test_overrides_parse_to_field_types():
-    got = parse_overrides(Cfg, ["steps=5", "lr=0.5", "flag=true", "name=abc", "sizes=3,4", "limit=none"])
-    assert got == {"steps": 5, "lr": 0.5, "flag": True, "name": "abc", "sizes": (3, 4), "limit": None}
+    got = parse_overrides(
+        Cfg, ["steps=5", "lr=0.5", "flag=true", "name=abc", "sizes=3,4", "limit=none"]
+    )
+    assert got == {
+        "steps": 5,
+        "lr": 0.5,
+        "flag": True,
+        "name": "abc",
+        "sizes": (3, 4),
+        "limit": None,
+    }
 
 
 @pytest.mark.parametrize(
     "pair, message",
-    [("nokey=1", "unknown config key 'nokey'"), ("steps=abc", "expected int"),
-     ("flag=maybe", "expected bool"), ("steps", "key=value")],
+    [
+        ("nokey=1", "unknown config key 'nokey'"),
+        ("steps=abc", "expected int"),
+        ("flag=maybe", "expected bool"),
+        ("steps", "key=value"),
+    ],
 )
 def test_bad_overrides_say_what_is_wrong(pair, message):
     with pytest.raises(ConfigError, match=message):

@@ -19,7 +19,10 @@ def test_builtins_register_the_three_architectures():
     found = architectures(pm)
     assert {"decoder-lm", "text-classifier", "gan-generator"} <= set(found)
     assert {found[n][0].task for n in ("decoder-lm", "text-classifier", "gan-generator")} == {
-        "generate", "classify", "sample_images"}
+        "generate",
+        "classify",
+        "sample_images",
+    }
     for name in ("decoder-lm", "text-classifier", "gan-generator"):
         assert found[name][1].source == "built-in"
         assert found[name][1].name in BUILTIN_PLUGINS
