@@ -221,7 +221,8 @@ class DecoderLM(Architecture):
             outputs = [logits, *_kv_specs("new", layers, ("batch", H, "sequence", D))]
         else:
             raise ValueError(f"unknown export variant {variant!r} for {self.name}")
-        # Logits reach ~±20 after 4 fp32 layers; fused ORT kernels differ by ~1e-5 there.
+        # Trained default: logits up to ~12, onnxruntime CPU within 1e-5 of torch (measured);
+        # 2e-4 leaves room for other kernels' summation order.
         return ExportSignature(tuple(inputs), tuple(outputs), atol=2e-4, rtol=1e-3)
 
     def export_module(

@@ -69,6 +69,7 @@ class TextClassifierConfig:
     pretrain_steps: int = 600
     mlm_batch_size: int = 32
     mlm_len: int = 64  # tokens per pretraining window, [CLS] included (<= max_len)
+    mlm_text: str = "source"
     mlm_prob: float = 0.15  # BERT's rate; of those 80% [MASK], 10% random, 10% kept
     pretrain_lr: float = 1e-3
     cls_bow_weight: float = 1.0  # [CLS] predicts its window's bag of words (why: see the loss)
@@ -151,7 +152,11 @@ class TextClassifierArch(Architecture):
         # are held out for the classifier, so pretraining never reads a held-out docstring.
         # (The shared BPE merges were fitted on those files too; they carry no labels.)
         mlm_files = [f for f in train_files if f.rel not in held_files]
-        stream = encode_files(tok, mlm_files, "textcls-mlm")
+        if config.mlm_text == "docstrings":
+            keep = {f.rel for f in mlm_files}
+            stream = textdata.encode_stream(tok, [d.text for d in docs if d.rel in keep])
+        else:
+            stream = encode_files(tok, mlm_files, "textcls-mlm")
         info = {
             "labels": labels,
             "n_classes": len(labels),

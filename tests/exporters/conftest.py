@@ -13,16 +13,17 @@ TINY_PLUGIN = "tests.exporters.tiny_arch"
 
 @pytest.fixture(scope="module")
 def tiny_plugin():
-    """Register ``tests.exporters.tiny_arch`` through ENGINE_PLUGINS for one test module."""
+    """Register ``tests.exporters.tiny_arch`` through ENGINE_PLUGINS for one test module.
+
+    The plugin manager is cached per ENGINE_PLUGINS value, so changing it is enough.
+    """
     before = os.environ.get(plugins.ENV_VAR)
     os.environ[plugins.ENV_VAR] = ",".join(filter(None, [before, TINY_PLUGIN]))
-    plugins._cached_manager.cache_clear()
     yield TINY_PLUGIN
     if before is None:
         os.environ.pop(plugins.ENV_VAR, None)
     else:
         os.environ[plugins.ENV_VAR] = before
-    plugins._cached_manager.cache_clear()
 
 
 @pytest.fixture(scope="module")
