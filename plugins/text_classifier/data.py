@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from plugins.stdlib_text import CLS, EOT, PAD, SourceFile, read_text, stdlib_files
+from plugins.stdlib_text import CLS, PAD, SourceFile, read_text, stdlib_files
 
 MIN_FILES = 3  # a package needs a few files so that both splits get some of them
 
@@ -142,10 +142,3 @@ def labeled_splits(
     train = make([d for d in chosen if d.rel not in held])
     heldout = make([d for d in chosen if d.rel in held])
     return train, heldout, held
-
-
-def encode_stream(tokenizer, texts: list[str]) -> np.ndarray:
-    """Tokenize texts into one uint16 stream, each followed by end-of-text."""
-    eot = tokenizer.token_to_id(EOT)
-    parts = [np.asarray([*enc.ids, eot], dtype=np.uint16) for enc in tokenizer.encode_batch(texts)]
-    return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
