@@ -126,10 +126,10 @@ def encode_texts(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray,
 
 
 def labeled_splits(
-    tokenizer, labels: list[str], num_words: int, fraction: float, max_len: int
+    tokenizer, labels: list[str], min_words: int, fraction: float, max_len: int
 ) -> tuple[LabeledSplit, LabeledSplit, set[str]]:
     """Build the (train, held-out) labeled splits; also return the held-out file set."""
-    docs = all_docstrings(num_words)
+    docs = all_docstrings(min_words)
     held = heldout_files(docs, labels, fraction)
     index = {name: i for i, name in enumerate(labels)}
     chosen = [d for d in docs if d.label in index]
