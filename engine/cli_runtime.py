@@ -25,6 +25,18 @@ def register(app: typer.Typer) -> None:
     app.command("sample-images")(sample_images_cmd)
 
 
+def _open(repo: Path, model, version, device: str, threads, task: str):
+    """Load a model version for ``task``; a model of another task is a clear error."""
+    from engine.runtime import Engine
+
+    eng = Engine.from_repository(repo, model, version, device=device, threads=threads)
+    served = getattr(eng, "task", "generate")
+    if served != task:
+        eng.close()
+        raise EngineError(f"model {model or ''} serves {served!r}, not {task}")
+    return eng
+
+
 def generate_cmd(
     prompt: str,
     repo: RepoOpt,
@@ -41,7 +53,6 @@ def generate_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Generate text from a prompt with the continuous-batching runtime."""
-    from engine.runtime import Engine
     from engine.runtime.sampling_params import SamplingParams
 
     params = SamplingParams(
@@ -53,9 +64,7 @@ def generate_cmd(
         stop=tuple(stop or ()),
     )
     params.validate()
-    eng = Engine.from_repository(repo, model, version, device=device, threads=threads)
-    if getattr(eng, "task", "generate") != "generate":
-        raise EngineError(f"model {model or ''} serves {eng.task!r}, not generate")
+    eng = _open(repo, model, version, device, threads, "generate")
 
     async def run() -> None:
         final = None
@@ -90,11 +99,7 @@ def classify_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Classify texts; prints the top labels with their probabilities."""
-    from engine.runtime import Engine
-
-    eng = Engine.from_repository(repo, model, version, device=device, threads=threads)
-    if eng.task != "classify":
-        raise EngineError(f"the model serves {eng.task!r}, not classify")
+    eng = _open(repo, model, version, device, threads, "classify")
     try:
         results = asyncio.run(eng.classify(texts, top_k=top_k))
     finally:
@@ -119,12 +124,9 @@ def sample_images_cmd(
     from PIL import Image
 
     from engine.atomic import write_bytes
-    from engine.runtime import Engine
     from engine.runtime.batched_engines import image_grid
 
-    eng = Engine.from_repository(repo, model, version, device=device, threads=threads)
-    if eng.task != "sample_images":
-        raise EngineError(f"the model serves {eng.task!r}, not sample_images")
+    eng = _open(repo, model, version, device, threads, "sample_images")
     digits = digit or list(range(10))
     try:
         images = asyncio.run(eng.sample_images(digits, n=n, seed=seed))
