@@ -141,7 +141,10 @@ def main() -> None:
     for batch in args.batches:
         bare, eng, same = [], [], True
         for _ in range(args.repeats):
+            # each side's onnxruntime threads spin a while after a run: let them park first
+            time.sleep(0.3)
             b_first, b_all, b_tokens = bare_run(session, prompts[:batch], args.new)
+            time.sleep(0.3)
             e_first, e_all, e_tokens = engine_run(engine, prompts[:batch], args.new)
             same &= b_tokens.tolist() == e_tokens
             bare.append((b_first, b_all))

@@ -79,22 +79,21 @@ class ModelRunner:
         pad_token_id: int = 0,
         io_binding: bool = True,
         window_step: int = 16,
-        io_binding_min_batch: int = 4,
     ):
         self.backend, self.graph = backend, graph
         self.num_slots, self.max_model_len = num_slots, max_model_len
         self.pad_token_id = pad_token_id
-        # Binding costs a few microseconds per tensor in Python; it pays off at larger batch.
         self.io_binding = io_binding
-        self.io_binding_min_batch = io_binding_min_batch
         self.window_step = window_step
         H, T, D = graph.num_heads, max_model_len, graph.head_dim
         self._block = H * D  # floats per slot per cached token
         dtype = np.dtype(graph.dtype)
-        # The KV pool: allocated once, written in place, never reallocated.
-        self._flat = {name: np.zeros(num_slots * H * T * D, dtype) for name, _ in graph.kv}
+        K = len(graph.kv)
+        # The KV pool: one allocation for every key/value tensor (row j is graph.kv[j]), written
+        # in place, never reallocated. One array lets a step write all new K/V in one call.
+        self._pool = np.zeros((K, num_slots * H * T * D), dtype)
         self.window = min(window_step, T)
-        self._views = {name: self.cache(name) for name in self._flat}
+        self._view = self.cache()
         self._mask = np.zeros(num_slots * T, np.int64)
         self._arange = np.arange(T, dtype=np.int64)
         # Per-slot decode state, updated with vectorized writes after every step.
@@ -104,24 +103,27 @@ class ModelRunner:
         self._ids = np.full((num_slots, 1), pad_token_id, np.int64)
         self._pos = np.zeros((num_slots, 1), np.int64)
         self._ones = np.ones((num_slots, 1), np.int64)
-        # Decode outputs, bound once per step (IOBinding) to these preallocated arrays.
+        # Decode outputs, bound (IOBinding) to these preallocated arrays.
         self._logits = np.zeros((num_slots, 1, vocab_size), np.float32)
-        self._new = {new: np.zeros((num_slots, H, 1, D), dtype) for _, new in graph.kv}
+        self._new = np.zeros((K, num_slots, H, 1, D), dtype)
         # An empty one-slot cache for prefill: a fresh request attends only to its own tokens.
-        self._no_cache = {name: np.zeros((num_slots, H, 1, D), dtype) for name, _ in graph.kv}
+        self._no_cache = np.zeros((num_slots, H, 1, D), dtype)
         self._no_mask = np.zeros((num_slots, 1), np.int64)
+        self._bound: tuple | None = None  # (key, feeds, outputs) of the last bound decode step
         self.sampling = SamplingState(num_slots, vocab_size)
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of the preallocated KV pool."""
-        return sum(a.nbytes for a in self._flat.values())
+        return self._pool.nbytes
 
-    def cache(self, name: str, window: int | None = None) -> np.ndarray:
-        """The (slots, H, window, D) view of one KV tensor (default: the current window)."""
+    def cache(self, window: int | None = None) -> np.ndarray:
+        """The (K, slots, H, window, D) view of the pool (default: the current window)."""
         w = self.window if window is None else window
         H, D = self.graph.num_heads, self.graph.head_dim
-        return self._flat[name][: self.num_slots * self._block * w].reshape(self.num_slots, H, w, D)
+        return self._pool[:, : self.num_slots * self._block * w].reshape(
+            len(self.graph.kv), self.num_slots, H, w, D
+        )
 
     def release(self, slots: np.ndarray) -> None:
         """Forget finished or preempted slots (their data is dead; windows may shrink)."""
@@ -138,12 +140,12 @@ class ModelRunner:
         # Growing moves each slot to a higher offset, so go last-first; shrinking, first-last.
         # A slot only ever overlaps its own old place, which numpy's assignment handles.
         order = live[::-1] if window > old else live
-        for name, _ in self.graph.kv:
-            src, dst = self.cache(name, old), self.cache(name, window)
-            for s in order:
-                dst[s, :, :keep] = src[s, :, :keep]
+        src, dst = self.cache(old), self.cache(window)
+        for s in order:
+            dst[:, s, :, :keep] = src[:, s, :, :keep]
         self.window = window
-        self._views = {name: self.cache(name) for name in self._flat}
+        self._view = dst
+        self._bound = None
 
     def execute(self, out: SchedulerOutput, slots: np.ndarray) -> SamplerOutput:
         """Run one step; ``slots`` (len(out.requests),) gives each scheduled request's slot.
@@ -180,16 +182,33 @@ class ModelRunner:
             "position_ids": np.broadcast_to(self._arange[:S], (n, S)).copy(),
             "cache_mask": self._no_mask[:n],
             "new_mask": new_mask,
-            **{name: buf[:n] for name, buf in self._no_cache.items()},
+            **{name: self._no_cache[:n] for name, _ in self.graph.kv},
         }
         result = self.backend.run(feeds)
         self.length[slots] = 0
         self._fit_window(max(S, int(self.length.max())))
-        for name, new in self.graph.kv:
-            self._views[name][slots, :, :S, :] = result[new]  # slots past a row's length: masked
+        for j, (_, new) in enumerate(self.graph.kv):
+            self._view[j, slots, :, :S, :] = result[new]  # slots past a row's length: masked
         self.length[slots] = lens
         self.steps[slots] = [r.num_output_tokens for r in requests]
         return result[self.graph.logits][np.arange(n), lens - 1]
+
+    def _feeds(self, lo: int, hi: int, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Decode inputs for the slot range [lo, hi): views of the runner's buffers, no copies."""
+        feeds = {
+            "input_ids": self._ids[lo:hi],
+            "position_ids": self._pos[lo:hi],
+            "cache_mask": mask,
+            "new_mask": self._ones[lo:hi],
+        }
+        feeds.update((name, self._view[j, lo:hi]) for j, (name, _) in enumerate(self.graph.kv))
+        return feeds
+
+    def _outputs(self, n: int) -> dict[str, np.ndarray]:
+        """Decode outputs for ``n`` rows: views of the preallocated logits and new-K/V arrays."""
+        outs = {self.graph.logits: self._logits[:n]}
+        outs.update((new, self._new[j, :n]) for j, (_, new) in enumerate(self.graph.kv))
+        return outs
 
     def _decode(self, slots: np.ndarray) -> np.ndarray:
         """One token for each slot, reading the KV pool in place; return their logits (d, V)."""
@@ -200,23 +219,28 @@ class ModelRunner:
         self._pos[slots, 0] = self.length[slots]
         mask = self._mask[: n * W].reshape(n, W)
         np.less(self._arange[:W], self.length[lo:hi, None], out=mask, casting="unsafe")
-        feeds = {
-            "input_ids": self._ids[lo:hi],
-            "position_ids": self._pos[lo:hi],
-            "cache_mask": mask,
-            "new_mask": self._ones[lo:hi],
-            **{name: view[lo:hi] for name, view in self._views.items()},
-        }
-        if self.io_binding and n >= self.io_binding_min_batch:
-            outs = {self.graph.logits: self._logits[:n], **{k: v[:n] for k, v in self._new.items()}}
-            result = self.backend.run(feeds, outs)
+        view = self._view
+        if self.io_binding:
+            # Every array bound here is a fixed view of a preallocated buffer: while the range
+            # and the window stay the same, the previous step's binding still points at them.
+            key = (lo, hi, W)
+            if self._bound is None or self._bound[0] != key:
+                self._bound = (key, self._feeds(lo, hi, mask), self._outputs(n))
+            _, feeds, outs = self._bound
+            result = self.backend.run(feeds, outs, binding_key=key)
+            new = self._new[:, :n]
         else:
-            result = self.backend.run(feeds)
+            result = self.backend.run(self._feeds(lo, hi, mask))
+            new = np.stack([result[name] for _, name in self.graph.kv])
         pos = self.length[slots]
         # Usually every row in [lo, hi) is scheduled, in order: then the outputs need no gather.
-        in_order = len(slots) == n and (len(slots) == 1 or (np.diff(slots) == 1).all())
-        rows = slice(None) if in_order else slots - lo
-        for name, new in self.graph.kv:
-            self._views[name][slots, :, pos, :] = result[new][rows, :, 0, :]
+        if len(slots) == n and (n == 1 or (np.diff(slots) == 1).all()):
+            # view[:, slots, :, pos, :] is (n, K, H, D): the advanced indices go first
+            view[:, slots, :, pos, :] = new[:, :, :, 0, :].transpose(1, 0, 2, 3)
+            logits = result[self.graph.logits][:, 0]
+        else:
+            rows = slots - lo
+            view[:, slots, :, pos, :] = new[:, rows, :, 0, :]  # (n, K, H, D) as well
+            logits = result[self.graph.logits][rows, 0]
         self.length[slots] += 1
-        return result[self.graph.logits][rows, 0]
+        return logits

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,10 @@ class TensorRTBackend(Backend):
         return ptr.value
 
     def run(
-        self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        out: dict[str, np.ndarray] | None = None,
+        binding_key: Hashable | None = None,
     ) -> dict[str, np.ndarray]:
         """Copy inputs in, execute on the backend's stream, copy outputs out."""
         keep = []  # host arrays must live until the stream synchronizes

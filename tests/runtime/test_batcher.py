@@ -96,7 +96,7 @@ class FakeBackend(Backend):
         self.fn, self.calls = fn, []
         self.input_names, self.output_names = [], []
 
-    def run(self, feeds, out=None):
+    def run(self, feeds, out=None, binding_key=None):
         self.calls.append({k: v.copy() for k, v in feeds.items()})
         return self.fn(feeds)
 

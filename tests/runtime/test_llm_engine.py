@@ -49,6 +49,22 @@ def test_greedy_tokens_match_a_bare_loop_over_the_default_graph(engine, lm_repo,
     assert engine.kv_stats().used_blocks == 0
 
 
+def test_io_binding_and_plain_runs_give_the_same_tokens_as_slots_come_and_go(lm_repo, prompts):
+    """Bound decode steps reuse their binding while the slot range holds; tokens must not care."""
+    mixed = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 20, 7)]
+    results = []
+    for io_binding in (True, False):  # requests of different lengths leave holes in the range
+        config = EngineConfig(max_num_seqs=4, io_binding=io_binding)
+        engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=config)
+        ids = [engine.add_request(p, mixed[i % 3]) for i, p in enumerate(prompts)]
+        final = {}
+        while engine.has_unfinished:
+            final.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        results.append([final[i] for i in ids])
+    assert results[0] == results[1]
+    assert [len(r) for r in results[0]] == [3, 20, 7, 3, 20, 7]
+
+
 def test_a_seeded_request_is_reproducible_alone_and_among_16_mixed_requests(lm_repo, prompts):
     engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
     target = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=30, ignore_eos=True)
