@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,17 @@ def load_session(graph_path: Path, threads: int, spin: bool = True):
     return ort.InferenceSession(str(graph_path), so, providers=["CPUExecutionProvider"])
 
 
-def greedy(session, prompts: list[list[int]], max_new: int, pad_id: int = 1) -> np.ndarray:
-    """Greedy-decode ``max_new`` tokens for each prompt; return (B, max_new) token ids."""
+def greedy(
+    session,
+    prompts: list[list[int]],
+    max_new: int,
+    pad_id: int = 1,
+    on_step: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Greedy-decode ``max_new`` tokens for each prompt; return (B, max_new) token ids.
+
+    ``on_step(step)`` is called as soon as step ``step``'s tokens exist (benchmarks time it).
+    """
     inputs = {i.name: i for i in session.get_inputs()}
     past_names = [n for n in inputs if n.startswith("past_key_values.")]
     present_names = ["present." + n.split(".", 1)[1] for n in past_names]
@@ -50,6 +60,8 @@ def greedy(session, prompts: list[list[int]], max_new: int, pad_id: int = 1) -> 
         feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": attention, **past}
         results = session.run(["logits", *present_names], feeds)
         out[:, step] = results[0][:, -1].argmax(axis=-1)
+        if on_step is not None:
+            on_step(step)
         past = dict(zip(past_names, results[1:]))
         positions = positions[:, -1:] + 1
         ids = out[:, step : step + 1]

@@ -153,7 +153,7 @@ def export_cmd(
     checkpoint_dir: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
     repo: Annotated[Path, typer.Option(help="Model repository directory.")],
     name: Annotated[str | None, typer.Option(help="Model name [architecture].")] = None,
-    format: Annotated[str, typer.Option("--format", help="onnx or tensorrt.")] = "onnx",
+    format: Annotated[str, typer.Option("--format", help="onnx, tensorrt or torch.")] = "onnx",
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision graph (for GPUs).")] = False,
     opset: Annotated[int | None, typer.Option(help="ONNX opset.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch (TensorRT).")] = 16,
@@ -200,6 +200,17 @@ def serve_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda or tensorrt.")] = "cpu",
     backend: Annotated[str | None, typer.Option(help="Backend name [by device].")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads.")] = None,
+    no_dynamic_batching: Annotated[
+        bool,
+        typer.Option("--no-dynamic-batching", help="Classifier/GAN: one request per call."),
+    ] = False,
+    max_num_seqs: Annotated[
+        int, typer.Option(min=1, help="LM: sequences decoded together (one KV slot each).")
+    ] = 16,
+    kv_cache_bytes: Annotated[
+        int | None,
+        typer.Option(min=1, help="LM: KV-cache budget in bytes [max-num-seqs full contexts]."),
+    ] = None,
     grace: Annotated[float, typer.Option(min=0, help="Seconds to drain on SIGTERM.")] = 30.0,
     max_running: Annotated[int, typer.Option(min=1, help="Requests in flight per model.")] = 64,
     max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests per model.")] = 256,
@@ -221,6 +232,9 @@ def serve_cmd(
         device=device,
         backend=backend,
         threads=threads,
+        dynamic_batching=not no_dynamic_batching,
+        max_num_seqs=max_num_seqs,
+        kv_cache_bytes=kv_cache_bytes,
         grace=grace,
         max_running=max_running,
         max_waiting=max_waiting,
@@ -228,6 +242,15 @@ def serve_cmd(
         log_level=log_level,
     )
 
+
+def _mount_bench() -> None:
+    # bench.cli imports only typer at module level: the bench's own imports wait for its commands
+    from bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_mount_bench()
 
 client_app = typer.Typer(no_args_is_help=True, help="Call a running `engine serve`.")
 app.add_typer(client_app, name="client")

@@ -24,6 +24,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.gan_generator",
     "exporters.onnx_format",
     "exporters.tensorrt_format",
+    "exporters.torch_format",
     "engine.runtime.backends",
 )
 

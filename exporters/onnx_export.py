@@ -9,12 +9,9 @@ serving metadata all come from the Architecture. Stages: load, trace, optimize, 
 from __future__ import annotations
 
 import contextlib
-import platform
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +19,8 @@ from engine.errors import EngineError
 from exporters.base import ExportError
 from exporters.onnx_graph import DEFAULT_OPSET, graph_io, optimize, to_fp16, trace
 from exporters.progress import Stages
-from exporters.repository import staged_version, write_manifest
+from exporters.provenance import checkpoint_info, context_length, library_versions
+from exporters.repository import copy_artifact, staged_version, write_manifest
 
 MAIN_FILE = "model.onnx"
 # Example sizes for tracing: distinct and >= 2 so torch.export keeps every axis symbolic.
@@ -32,8 +30,6 @@ FP16_NOTE = (
     "onnxruntime runs it no faster and often slower than fp32: it has few fp16 kernels and "
     "casts around the rest."
 )
-# serving_metadata keys that name the longest sequence a model takes, most specific first
-CONTEXT_KEYS = ("context_length", "max_length", "max_seq", "block_size", "n_ctx")
 
 
 @dataclass
@@ -71,27 +67,6 @@ class PostBuild(Protocol):
         """Write anything kept outside the version directory, once the version is in place."""
 
 
-def context_length(serving: dict[str, Any]) -> int | None:
-    """The longest sequence the model takes, from its serving metadata (None if it has none)."""
-    for key in CONTEXT_KEYS:
-        if isinstance(serving.get(key), int):
-            return int(serving[key])
-    return None
-
-
-def library_versions(*extra: str) -> dict[str, str]:
-    """Versions of the libraries an export depends on (``None`` for ones not installed)."""
-    from engine import __version__
-
-    out = {"engine": __version__, "python": platform.python_version()}
-    for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", *extra):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def export_checkpoint(
     ckpt_dir: Path,
     repo: Path,
@@ -102,21 +77,11 @@ def export_checkpoint(
 ) -> Path:
     """Load a checkpoint with ``engine.checkpoint.load`` and export it; return the version dir."""
     from engine import checkpoint
-    from engine.plugins import get_architecture
 
     with Stages(options.progress) as stages:
         with stages.stage("load checkpoint"):
             arch, config, model = checkpoint.load(ckpt_dir)
-            meta = checkpoint.read_meta(ckpt_dir)
-            _, plugin = get_architecture(arch.name)
-        source = {
-            "path": str(Path(ckpt_dir).resolve()),
-            "step": meta.step,
-            "seed": meta.seed,
-            "trained_with": {"plugin": meta.plugin, "version": meta.plugin_version},
-            "config": meta.config,
-        }
-        plugin_info = {"name": plugin.name, "version": plugin.version, "source": plugin.source}
+            plugin_info, source = checkpoint_info(ckpt_dir, arch.name)
         return export_model(
             arch,
             config,
@@ -212,7 +177,7 @@ def _export(
     model.eval()
     with staged_version(repo, name, options.force) as (tmp, version):
         for src in arch.artifact_files(ckpt_dir):  # first: a missing tokenizer fails fast
-            _copy_artifact(Path(src), tmp)
+            copy_artifact(Path(src), tmp)
         graphs: dict[str, dict[str, Any]] = {}
         for i, variant in enumerate(arch.export_variants(config)):
             file = MAIN_FILE if i == 0 else f"{variant}.onnx"
@@ -282,18 +247,3 @@ def _graph_step(what: str, variant: str) -> Iterator[None]:
         raise ExportError(
             f"could not {what} graph {variant!r}: {type(exc).__name__}: {exc}"
         ) from exc
-
-
-def _copy_artifact(src: Path, dest_dir: Path) -> None:
-    """Copy a file or directory the architecture needs at serving time (e.g. its tokenizer)."""
-    target = dest_dir / src.name
-    if not src.exists():
-        raise ExportError(
-            f"the checkpoint lacks {src}, which serving needs; re-train or restore it"
-        )
-    if target.exists():
-        raise ExportError(f"artifact {src.name} would overwrite an exported file of that name")
-    if src.is_dir():
-        shutil.copytree(src, target)
-    else:
-        shutil.copy2(src, target)

@@ -23,7 +23,7 @@ from engine.architecture import ExportSignature
 from exporters.base import TraceFailed
 
 EXPORTER_ENV = "ENGINE_ONNX_EXPORTER"  # auto (dynamo, then torchscript), dynamo or torchscript
-DEFAULT_OPSET = 20  # 17 for LayerNormalization; 20 for Gelu as one op (tanh GELU was 8 nodes a layer)
+DEFAULT_OPSET = 20  # 17 for LayerNormalization; 20 for Gelu as one op (not 8 per layer)
 
 # Ops kept in fp32 by the fp16 conversion: reductions and exponentials whose fp16 range or
 # rounding breaks softmax/LayerNorm numerics (sum of exp overflows 65504, variance underflows).

@@ -13,12 +13,19 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from engine.atomic import staged_dir, write_json
-from exporters.base import ChecksumMismatch, ManifestError, RepositoryError, VersionExists
+from exporters.base import (
+    ChecksumMismatch,
+    ExportError,
+    ManifestError,
+    RepositoryError,
+    VersionExists,
+)
 
 MANIFEST = "manifest.json"
 TIMING_CACHE = "timing.cache"  # TensorRT's, kept per model beside the versions
@@ -151,6 +158,21 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     manifest = {**manifest, "manifest_format": MANIFEST_FORMAT, "files": file_table(root)}
     write_json(Path(root) / MANIFEST, manifest)
     return manifest
+
+
+def copy_artifact(src: Path, dest_dir: Path) -> None:
+    """Copy a file or directory the architecture needs at serving time (e.g. its tokenizer)."""
+    target = Path(dest_dir) / src.name
+    if not src.exists():
+        raise ExportError(
+            f"the checkpoint lacks {src}, which serving needs; re-train or restore it"
+        )
+    if target.exists():
+        raise ExportError(f"artifact {src.name} would overwrite an exported file of that name")
+    if src.is_dir():
+        shutil.copytree(src, target)
+    else:
+        shutil.copy2(src, target)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,11 @@ import numpy as np
 
 from engine.runtime.backends import BackendOptions
 from engine.runtime.detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer
-from engine.runtime.errors import InvalidPromptError, ModelSignatureError
+from engine.runtime.errors import (
+    BackendUnavailableError,
+    InvalidPromptError,
+    ModelSignatureError,
+)
 from engine.runtime.kv_cache import KVCacheManager, KVCacheSpec, KVCacheStats
 from engine.runtime.loader import ModelVersion, open_version
 from engine.runtime.model_runner import InplaceGraph, ModelRunner
@@ -29,6 +33,7 @@ from engine.runtime.sampling_params import SamplingParams
 from engine.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 INPLACE_VARIANT = "kv_inplace"
+TORCH_FORMAT = "torch"  # versions of this format run on engine/runtime/torch_runner.py
 
 
 @dataclass
@@ -68,6 +73,24 @@ class RequestOutput:
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
 
+    def merged(self, later: RequestOutput) -> RequestOutput:
+        """This output followed by ``later`` (of the same request) as one output."""
+        logprobs = self.logprobs
+        if later.logprobs is not None:
+            logprobs = (logprobs or []) + later.logprobs
+        return RequestOutput(
+            self.request_id,
+            self.delta_text + later.delta_text,
+            self.delta_token_ids + later.delta_token_ids,
+            later.text,
+            later.token_ids,
+            later.finished,
+            later.finish_reason,
+            later.stop_reason,
+            later.usage,
+            logprobs,
+        )
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -78,6 +101,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048)
     kv_cache_bytes: int | None = None  # None: max_num_seqs full-context sequences
     io_binding: bool = True
+    # torch-format versions only (engine/runtime/torch_runner.py):
+    dtype: str | None = None  # float32, float16, bfloat16; None: float16 on CUDA, float32 on CPU
+    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (on CUDA devices)
     # The async loop runs the graph in a worker thread (onnxruntime releases the GIL), so a
     # server's event loop keeps answering while a step computes; scheduling stays on the loop.
     execute_in_thread: bool = False
@@ -128,19 +154,23 @@ class LLMEngine:
         config: EngineConfig | None = None,
         spin: bool = True,
     ) -> LLMEngine:
-        """Build the engine for a verified model version whose task is ``generate``."""
+        """Build the engine for a verified model version whose task is ``generate``.
+
+        A ``torch``-format version (or ``backend="torch"``) runs on :class:`TorchRunner`, on
+        ``device`` cpu or cuda; only then is torch imported.
+        """
         from tokenizers import Tokenizer
 
         config = config or EngineConfig()
         if mv.task != "generate":
             raise ModelSignatureError(f"model {mv.name!r} serves {mv.task!r}, not 'generate'")
         serving = mv.serving
-        graph = InplaceGraph.from_manifest(mv.graph(INPLACE_VARIANT))
         context = int(serving["context_length"])
         max_len = min(config.max_model_len or context, context)
-        spec = KVCacheSpec(
-            len(graph.kv) // 2, graph.num_heads, graph.head_dim, np.dtype(graph.dtype).itemsize
-        )
+        if _serves_with_torch(mv, backend):
+            spec, make_runner = _torch_runner(mv, max_len, device, threads, config)
+        else:
+            spec, make_runner = _onnx_runner(mv, max_len, device, backend, threads, spin, config)
         budget = config.kv_cache_bytes or spec.bytes_per_token * max_len * config.max_num_seqs
         # One slot per sequence (block_size = max_model_len): the graph reads a row per sequence.
         # Slots beyond max_num_seqs could never run at once, so the pool stops there.
@@ -151,16 +181,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens or max(max_len, 2048),
             max_model_len=max_len,
         )
-        options = BackendOptions(device=device, intra_op_threads=threads, spin=spin)
-        runner = ModelRunner(
-            mv.load(INPLACE_VARIANT, options, backend),
-            graph,
-            kv.num_blocks,
-            max_len,
-            int(serving["vocab_size"]),
-            int(serving.get("pad_token_id", 0)),
-            config.io_binding,
-        )
+        runner = make_runner(kv.num_blocks)
         tokenizer = Tokenizer.from_file(str(mv.path / serving.get("tokenizer", "tokenizer.json")))
         return cls(mv, runner, Scheduler(sched_config, kv), tokenizer, config)
 
@@ -328,6 +349,15 @@ class LLMEngine:
         try:
             while True:
                 item = await queue.get()
+                # A consumer that fell behind (a slow client, a busy server) gets everything
+                # that piled up as one output: fewer, larger messages instead of a backlog.
+                while not queue.empty() and isinstance(item, RequestOutput) and not item.finished:
+                    following = queue.get_nowait()
+                    item = (
+                        item.merged(following)
+                        if isinstance(following, RequestOutput)
+                        else following
+                    )
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -380,5 +410,81 @@ class LLMEngine:
         }
 
     def close(self) -> None:
-        """Release the graph."""
+        """Release the graph (or the torch runner's memory)."""
+        release = getattr(self.runner, "close", None)
+        if release is not None:
+            release()
         self.model.close()
+
+
+def _serves_with_torch(mv: ModelVersion, backend: str | None) -> bool:
+    """True for a ``torch``-format version; a backend that cannot load the format is an error."""
+    fmt = mv.manifest.get("format")
+    if fmt == TORCH_FORMAT:
+        if backend not in (None, TORCH_FORMAT):
+            raise BackendUnavailableError(
+                f"{mv.path} holds torch weights, which only the torch backend runs "
+                f"(not {backend!r}); export with --format onnx for other backends"
+            )
+        return True
+    if backend == TORCH_FORMAT:
+        raise BackendUnavailableError(
+            f"{mv.path} holds {fmt or 'onnx'} graphs, not torch weights; export the checkpoint "
+            "with --format torch for the torch backend"
+        )
+    return False
+
+
+RunnerFactory = Callable[[int], Any]  # number of KV slots -> a runner
+
+
+def _onnx_runner(
+    mv: ModelVersion,
+    max_len: int,
+    device: str,
+    backend: str | None,
+    threads: int | None,
+    spin: bool,
+    config: EngineConfig,
+) -> tuple[KVCacheSpec, RunnerFactory]:
+    """The KV shape of the ``kv_inplace`` graph and a factory of its :class:`ModelRunner`."""
+    serving = mv.serving
+    graph = InplaceGraph.from_manifest(mv.graph(INPLACE_VARIANT))
+    itemsize = np.dtype(graph.dtype).itemsize
+    spec = KVCacheSpec(len(graph.kv) // 2, graph.num_heads, graph.head_dim, itemsize)
+
+    def make(num_slots: int) -> ModelRunner:
+        options = BackendOptions(device=device, intra_op_threads=threads, spin=spin)
+        return ModelRunner(
+            mv.load(INPLACE_VARIANT, options, backend),
+            graph,
+            num_slots,
+            max_len,
+            int(serving["vocab_size"]),
+            int(serving.get("pad_token_id", 0)),
+            config.io_binding,
+        )
+
+    return spec, make
+
+
+def _torch_runner(
+    mv: ModelVersion, max_len: int, device: str, threads: int | None, config: EngineConfig
+) -> tuple[KVCacheSpec, RunnerFactory]:
+    """The KV shape in the chosen dtype and a factory of the :class:`TorchRunner`."""
+    from engine.runtime import torch_runner  # the only import of torch on the serving side
+
+    dtype = torch_runner.resolve_dtype(config.dtype, torch_runner.resolve_device(device))
+
+    def make(num_slots: int) -> Any:
+        return torch_runner.TorchRunner.from_version(
+            mv,
+            num_slots,
+            max_len,
+            device=device,
+            dtype=config.dtype,
+            threads=threads,
+            cuda_graphs=config.cuda_graphs,
+        )
+
+    return torch_runner.kv_spec(mv.serving, dtype), make

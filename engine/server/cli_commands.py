@@ -37,14 +37,23 @@ def serve(
     device: str = "cpu",
     backend: str | None = None,
     threads: int | None = None,
+    dynamic_batching: bool = True,
+    max_num_seqs: int = 16,
+    kv_cache_bytes: int | None = None,
     grace: float = 30.0,
     max_running: int = 64,
     max_waiting: int = 256,
     max_message_mb: float = 4.0,
     log_level: str = "INFO",
 ) -> None:
-    """Serve every model of ``repo`` (or the comma-separated ``models``) until SIGTERM/SIGINT."""
+    """Serve every model of ``repo`` (or the comma-separated ``models``) until SIGTERM/SIGINT.
+
+    ``dynamic_batching=False`` runs every classify/sample_images request as its own backend call
+    (batch size 1), the baseline dynamic batching is measured against.
+    """
     from engine.client import read_token
+    from engine.runtime.batcher import BatcherConfig
+    from engine.runtime.llm_engine import EngineConfig
     from engine.server import logs
     from engine.server.app import EngineServer, ServerConfig
     from engine.server.loader import load_models
@@ -68,11 +77,19 @@ def serve(
             max_message_bytes=int(max_message_mb * (1 << 20)),
         ),
     )
+    # BatcherConfig() is the runtime's default; size 1 dispatches each request at once
+    batcher = None if dynamic_batching else BatcherConfig(max_batch_size=1, max_queue_delay_ms=0)
     logs.configure(log_level)
 
     async def main() -> None:
         served = await load_models(
-            Path(repo), names, device=device, backend=backend, threads=threads
+            Path(repo),
+            names,
+            device=device,
+            backend=backend,
+            threads=threads,
+            batcher=batcher,
+            config=EngineConfig(max_num_seqs=max_num_seqs, kv_cache_bytes=kv_cache_bytes),
         )
         server = EngineServer(served, config)
         try:

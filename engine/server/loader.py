@@ -23,7 +23,8 @@ from engine.server.models import Chunk, ModelCard, ModelStats, TokenLogprob
 def _card(engine: Any, **extra: Any) -> ModelCard:
     mv = engine.model
     manifest = mv.manifest
-    platform = "tensorrt_plan" if manifest.get("format") == "tensorrt" else "onnxruntime_onnx"
+    platforms = {"tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}  # Triton's names
+    platform = platforms.get(manifest.get("format"), "onnxruntime_onnx")
     return ModelCard(
         name=mv.name,
         version=mv.version,

@@ -13,6 +13,10 @@ Two inference paths share the weights:
   the runtime writes them into its buffer, so no step copies the cache. Besides
   ``cache_mask`` (B, T) it takes ``new_mask`` (B, S), so a prefill chunk of prompts of different
   lengths can be left-padded within the chunk, as in the default path.
+* :meth:`GPT.forward_static` - the torch runtime's decode step (engine/runtime/torch_runner.py).
+  The cache is a static buffer the step writes into in place (index_put_), then attends over a
+  fixed window of it: no shape depends on the data and nothing syncs with the host, so the step
+  can be captured once in a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ class GPTConfig:
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.n_embd // self.n_head
+
+
+# GPT-2 small's shape (124M parameters with GPT-2's 50257-token vocabulary, ~92M with our 8192):
+# the model the GPU benchmark (bench/gpu.sh) serves. As training overrides:
+#   engine train decoder-lm --config n_layer=12 --config n_head=12 --config n_embd=768 \
+#       --config block_size=1024
+GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}
 
 
 def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -105,6 +116,28 @@ class CausalSelfAttention(nn.Module):
         y = p[..., :T] @ cache_v + p[..., T:] @ v
         return self._out(y), (k, v)
 
+    def forward_static(
+        self,
+        x: torch.Tensor,
+        cache: KV,
+        rows: torch.Tensor,
+        cache_pos: torch.Tensor,
+        allowed: torch.Tensor,
+        window: int,
+    ) -> torch.Tensor:
+        """Write the new keys/values into ``cache`` (B, H, T, D) at ``cache_pos``, then attend.
+
+        ``rows`` is (B, 1) ``arange``, ``cache_pos`` (B, S), ``allowed`` (B, 1, S, window).
+        """
+        q, k, v = self._qkv(x)  # (B, H, S, D)
+        cache_k, cache_v = cache
+        # Indices on axes 0 and 2 around a slice: the indexed view is (B, S, H, D).
+        cache_k[rows, :, cache_pos] = k.transpose(1, 2)
+        cache_v[rows, :, cache_pos] = v.transpose(1, 2)
+        keys, values = cache_k[:, :, :window], cache_v[:, :, :window]  # views, never copies
+        att = _masked_softmax(q @ keys.transpose(-2, -1), allowed)  # (B, H, S, window)
+        return self._out(att @ values)
+
 
 class MLP(nn.Module):
     """GPT-2's position-wise feed-forward: 4x expansion, tanh-approximated GELU."""
@@ -139,6 +172,10 @@ class Block(nn.Module):
         y, new = self.attn.forward_inplace(self.ln_1(x), cache, cache_allowed, new_allowed)
         x = x + y
         return x + self.mlp(self.ln_2(x)), new
+
+    def forward_static(self, x, cache: KV, rows, cache_pos, allowed, window: int) -> torch.Tensor:
+        x = x + self.attn.forward_static(self.ln_1(x), cache, rows, cache_pos, allowed, window)
+        return x + self.mlp(self.ln_2(x))
 
 
 def _causal(S: int, L: int, device: torch.device) -> torch.Tensor:
@@ -246,6 +283,32 @@ class GPT(nn.Module):
             x, kv_new = block.forward_inplace(x, kv, cache_allowed, new_allowed)
             new.append(kv_new)
         return self._head(x), new
+
+    def forward_static(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: list[KV],
+        cache_pos: torch.Tensor,
+        window: int,
+    ) -> torch.Tensor:
+        """Return logits (B, S, V); write the new keys/values into ``cache`` in place.
+
+        ``cache`` holds per-layer (key, value) buffers (B, H, T, D) whose row b belongs to batch
+        row b (views of the runtime's pool). Token s of row b is stored at ``cache_pos[b, s]``
+        and attends to the cache positions ``t <= cache_pos[b, s]`` among the first ``window``
+        (``window`` must cover every row's last position; stale slots past it stay unread).
+        A row whose ``cache_pos`` points past ``window`` - a padding row of a CUDA-graph batch,
+        written to a scratch position - attends to the whole window and its output is ignored.
+        """
+        B = input_ids.shape[0]
+        rows = torch.arange(B, device=input_ids.device)[:, None]  # (B, 1)
+        keys = torch.arange(window, device=input_ids.device)
+        allowed = (keys[None, None, :] <= cache_pos[:, :, None])[:, None]  # (B, 1, S, window)
+        x = self._embed(input_ids, position_ids)
+        for block, kv in zip(self.transformer.h, cache):
+            x = block.forward_static(x, kv, rows, cache_pos, allowed, window)
+        return self._head(x)
 
 
 def to_gpt2_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -113,6 +113,27 @@ def test_streaming_yields_deltas_that_add_up_and_a_final_usage(engine):
     assert outs[-1].usage.completion_tokens == 24
 
 
+def test_a_consumer_that_falls_behind_gets_the_backlog_merged_into_fewer_outputs(engine):
+    async def collect_slowly():
+        outs = []
+        async for o in engine.generate("def add(a, b):", GREEDY):
+            outs.append(o)
+            for _ in range(5):  # the engine steps meanwhile; outputs pile up in the queue
+                await asyncio.sleep(0)
+        return outs
+
+    outs = asyncio.run(collect_slowly())
+    fast = asyncio.run(_collect(engine, "def add(a, b):"))
+    assert len(outs) < 24 and max(len(o.delta_token_ids) for o in outs) > 1
+    assert [t for o in outs for t in o.delta_token_ids] == outs[-1].token_ids == fast[-1].token_ids
+    assert "".join(o.delta_text for o in outs) == outs[-1].text == fast[-1].text
+    assert outs[-1].finished and outs[-1].usage.completion_tokens == 24
+
+
+async def _collect(engine, prompt):
+    return [o async for o in engine.generate(prompt, GREEDY)]
+
+
 def test_abort_and_leaving_a_stream_early_free_memory_at_once(engine, prompts):
     async def scenario():
         long = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)

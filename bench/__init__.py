@@ -1,0 +1,1 @@
+"""Benchmarks: the ``engine bench`` load generator, metrics, baselines and plots."""

@@ -1,0 +1,66 @@
+"""The bare numpy + onnxruntime greedy loop (bench/bare_loop.py) over the ``default`` graph.
+
+``concurrency`` prompts run as one batch, batch after batch; every request of a batch starts
+when the batch does and shares the batch's per-step token times.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.bare_loop import greedy, load_session
+from bench.baselines.base import Baseline, RequestRecord, Unavailable
+
+
+class BareLoopBaseline(Baseline):
+    """No scheduler, no preallocation: the loop every engine feature is measured against."""
+
+    name = "bare"
+    description = "bare numpy + onnxruntime greedy loop, default graph, static batches"
+    supports_rate = False
+    on_done = None  # progress callback, per finished request
+
+    def __init__(self, repo: Path, model: str, threads: int | None = None, device: str = "cpu"):
+        """Open ``model``'s default graph with ``threads`` intra-op threads (default: per core)."""
+        from engine.runtime.loader import open_version
+
+        if device != "cpu":
+            raise Unavailable(f"the bare loop runs on the CPU only, not {device!r}")
+        mv = open_version(repo, model)
+        self.threads = threads or os.cpu_count() or 1  # the server's default: one per core
+        self.pad_id = int(mv.serving.get("pad_token_id", 0))
+        self.session = load_session(mv.path / mv.graph("default")["file"], self.threads)
+
+    def run(
+        self, prompts: list[list[int]], output_len: int, concurrency: int
+    ) -> list[RequestRecord]:
+        """Batches of ``concurrency`` prompts, one after the other."""
+        records: list[RequestRecord] = []
+        for i in range(0, len(prompts), concurrency):
+            batch = prompts[i : i + concurrency]
+            times: list[float] = []
+            start = time.perf_counter()
+            greedy(self.session, batch, output_len, self.pad_id, _stamper(times))
+            records += [RequestRecord(start, list(times), len(p)) for p in batch]
+            if self.on_done is not None:
+                for record in records[-len(batch) :]:
+                    self.on_done(record)
+        return records
+
+    def describe(self) -> dict[str, Any]:
+        """Threads and onnxruntime version."""
+        import onnxruntime
+
+        return {
+            **super().describe(),
+            "threads": self.threads,
+            "onnxruntime": onnxruntime.__version__,
+        }
+
+
+def _stamper(times: list[float]):
+    """An ``on_step`` callback that appends the time each step's tokens exist."""
+    return lambda _step: times.append(time.perf_counter())

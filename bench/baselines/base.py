@@ -1,0 +1,56 @@
+"""What every generate baseline (and the gRPC driver) reports: one record per request.
+
+A baseline runs a list of token-id prompts at a given concurrency and returns, for each request,
+when it was sent and when each of its output tokens arrived (``time.perf_counter()`` seconds).
+Batched baselines (a bare loop, Hugging Face ``generate``) run ``concurrency`` prompts as one
+batch, batch after batch; every request of a batch then shares the batch's token timestamps.
+The metrics (TTFT, TPOT, ITL, E2E) are computed from these records alone, the same way for all.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Unavailable(Exception):
+    """A baseline cannot run here (a package or device is missing); the message says which."""
+
+
+@dataclass
+class RequestRecord:
+    """Timestamps of one request; ``token_times[i]`` is when output token i arrived."""
+
+    start: float
+    token_times: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    error: str | None = None  # set when the request failed; it then counts as failed
+
+    @property
+    def output_tokens(self) -> int:
+        """Output tokens received."""
+        return len(self.token_times)
+
+
+class Baseline(ABC):
+    """A way to generate: the server through gRPC, the engine in process, HF, a bare loop."""
+
+    name: str  # short, stable: "grpc", "inprocess", "bare", "hf", "optimum"
+    description: str = ""
+
+    def check(self) -> None:  # noqa: B027 - optional: most baselines can always run
+        """Raise :class:`Unavailable` with the reason if this baseline cannot run here."""
+
+    @abstractmethod
+    def run(
+        self, prompts: list[list[int]], output_len: int, concurrency: int
+    ) -> list[RequestRecord]:
+        """Generate exactly ``output_len`` greedy tokens per prompt (end-of-text ignored)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Versions and settings that go into the JSON report."""
+        return {"name": self.name, "description": self.description}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free what the baseline holds (sessions, models, servers)."""

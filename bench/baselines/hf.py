@@ -1,0 +1,212 @@
+"""Hugging Face ``transformers`` ``generate`` on the same weights: the framework baseline.
+
+The weights are a ``torch``-format version of the benchmarked model (``engine export --format
+torch``) or, if given, its checkpoint; :func:`plugins.decoder_lm.model.to_gpt2_state_dict` maps
+them onto ``GPT2LMHeadModel``. Generation is greedy and makes exactly ``output_len`` tokens: no
+end-of-text id is configured, so nothing stops a row early and nothing is suppressed
+(``min_new_tokens`` would mask end-of-text, which the engine's ``ignore_eos`` does not, and the
+tokens would differ). ``concurrency`` prompts run as one left-padded batch, batch after batch.
+
+Timestamps come from a ``StoppingCriteria``: ``generate`` calls it once per step, right after
+the step's tokens are appended; on CUDA it synchronises first, so a stamp is when the tokens
+exist, as a streamer would see them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.baselines.base import Baseline, RequestRecord, Unavailable
+
+INSTALL = "pip install -e '.[bench]'"
+
+
+def require_transformers() -> None:
+    """Raise :class:`Unavailable` saying how to install transformers if it is missing."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise Unavailable(f"transformers is not installed ({exc}); {INSTALL}") from None
+
+
+def find_weights(repo: Path | None, model: str | None, checkpoint: Path | None = None) -> Path:
+    """The newest torch-format version of ``model`` in ``repo``, else ``checkpoint``.
+
+    Both hold ``model.safetensors`` and the checkpoint's ``config.json``. A version's files are
+    checked against its manifest; it comes first because the checkpoint a manifest names may
+    since have been retrained or moved.
+    """
+    from exporters.repository import read_manifest, verify_files, versions
+
+    for version in reversed(versions(Path(repo), model) if repo and model else []):
+        path = Path(repo) / model / str(version)
+        if read_manifest(path).get("format") == "torch":
+            verify_files(path)
+            return path
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        return Path(checkpoint)
+    raise Unavailable(
+        f"no torch-format version of {model!r} in {repo}"
+        + (f" and no checkpoint at {checkpoint}" if checkpoint else "")
+        + f": export one with `engine export CHECKPOINT --repo {repo} --name {model} "
+        "--format torch`"
+    )
+
+
+def load_gpt2(weights: Path, device: str = "cpu", dtype: Any = None) -> tuple[Any, int]:
+    """Build ``GPT2LMHeadModel`` from our weights in ``weights``; return it and the pad id."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine import checkpoint
+    from plugins.decoder_lm.model import to_gpt2_state_dict
+
+    arch, config, ours = checkpoint.load(weights)
+    serving = arch.serving_metadata(config, weights)
+    pad_id = int(serving.get("pad_token_id", 0))
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        activation_function="gelu_new",  # tanh GELU, as ours
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,  # generate never stops early
+        pad_token_id=pad_id,
+        tie_word_embeddings=True,
+    )
+    hf = GPT2LMHeadModel(hf_config)
+    missing, unexpected = hf.load_state_dict(to_gpt2_state_dict(ours.state_dict()), strict=False)
+    if missing or unexpected:
+        raise Unavailable(
+            f"the weights in {weights} are not GPT-2-shaped: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = pad_id
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    return hf.to(device=device, dtype=dtype).eval(), pad_id
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, T) ids and attention mask with every prompt right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int64)
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+def stamp_criteria(times: list[float], sync: bool) -> Any:
+    """A ``StoppingCriteriaList`` that appends ``perf_counter()`` per step and never stops."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if sync:
+                torch.cuda.synchronize(input_ids.device)
+            times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Stamp()])
+
+
+class HFGenerate(Baseline):
+    """``GPT2LMHeadModel.generate``, greedy, static left-padded batches."""
+
+    name = "hf"
+    description = "Hugging Face transformers GPT2LMHeadModel.generate, greedy, static batches"
+    supports_rate = False
+    on_done = None  # progress callback, per finished request
+
+    def __init__(
+        self,
+        repo: Path | None = None,
+        model: str | None = None,
+        threads: int | None = None,
+        checkpoint: Path | None = None,
+        device: str = "cpu",
+    ):
+        """Load the weights of ``model`` (see :func:`find_weights`) onto ``device``."""
+        require_transformers()
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise Unavailable(f"device {device!r} asked for, but torch sees no CUDA GPU")
+        if threads:
+            torch.set_num_threads(threads)
+        self.device, self.threads = device, threads
+        self.weights = find_weights(repo, model, checkpoint)
+        self.model, self.pad_id = self._load()
+
+    def _load(self) -> tuple[Any, int]:
+        """The model whose ``generate`` runs (subclasses swap in another runtime)."""
+        return load_gpt2(self.weights, self.device)
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> tuple[np.ndarray, list[float]]:
+        """Greedy ``output_len`` tokens for one batch: (B, output_len) ids and step times."""
+        import torch
+
+        ids, mask = left_pad(prompts, self.pad_id)
+        device = getattr(self.model, "device", self.device)
+        times: list[float] = []
+        stamps = stamp_criteria(times, sync=torch.device(device).type == "cuda")
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=torch.from_numpy(ids).to(device),
+                attention_mask=torch.from_numpy(mask).to(device),
+                max_new_tokens=output_len,
+                do_sample=False,
+                use_cache=True,
+                stopping_criteria=stamps,
+            )
+        return out[:, ids.shape[1] :].cpu().numpy(), times
+
+    def run(
+        self, prompts: list[list[int]], output_len: int, concurrency: int
+    ) -> list[RequestRecord]:
+        """Batches of ``concurrency`` prompts, one after the other."""
+        records: list[RequestRecord] = []
+        for i in range(0, len(prompts), concurrency):
+            batch = prompts[i : i + concurrency]
+            start = time.perf_counter()
+            _, times = self.generate(batch, output_len)
+            done = [RequestRecord(start, list(times), len(p)) for p in batch]
+            records += done
+            for record in done if self.on_done is not None else ():
+                self.on_done(record)
+        return records
+
+    def describe(self) -> dict[str, Any]:
+        """Library versions, device, dtype and where the weights came from."""
+        import torch
+        import transformers
+
+        return {
+            **super().describe(),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "device": self.device,
+            "dtype": str(getattr(self.model, "dtype", "")).replace("torch.", ""),
+            "threads": self.threads or torch.get_num_threads(),
+            "weights": str(self.weights),
+        }
+
+    def close(self) -> None:
+        """Drop the model (and its GPU memory)."""
+        self.model = None
+
+
+HFBaseline = HFGenerate  # the name bench/baselines/__init__.py's registry uses

@@ -1,0 +1,321 @@
+"""``engine bench run``: every baseline at every load, on the same prompts, into one report.
+
+Order: the served model over gRPC first (its server is started as a child process, or
+``--target`` names one), then the server is stopped and the in-process baselines run on the
+same weights, so they never compete with an idle server for cores. Classifiers and image
+models are measured over gRPC with dynamic batching on and off (one server start each).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bench.baselines import BaselineContext, Unavailable, create
+from bench.baselines.base import Baseline
+from bench.metrics import summarize
+from bench.prompts import (
+    HELDOUT_FRACTION,
+    PromptSet,
+    digit_prompts,
+    load_tokenizer,
+    text_prompts,
+)
+from bench.server_metrics import MetricsWatcher
+from bench.server_process import ServeOptions, ServerProcess
+from engine.errors import EngineError
+
+MIN_PROMPTS = 16  # per run: enough requests that the first and last waves do not dominate
+PROMPTS_PER_SLOT = 4  # ... and four waves at each concurrency
+RATE_PROMPTS = 32  # per Poisson run when --num-prompts is not given
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One ``engine bench run``; defaults are a quick sweep of a small model on a laptop."""
+
+    repo: Path
+    model: str | None = None  # None: the repository's only model
+    target: str | None = None  # host:port of a running server; None: start `engine serve`
+    metrics_url: str | None = None  # with --target: its /metrics URL (no server load without)
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # vLLM/genai-perf style sweep
+    request_rates: tuple[float, ...] = ()  # requests/s; each gives a Poisson-arrival run
+    max_concurrency: int | None = None  # cap on requests in flight in rate mode
+    num_prompts: int | None = None  # per run; None: max(16, 4 x concurrency) or 32 (rate)
+    input_len: int = 32  # prompt tokens, exactly
+    output_len: int = 32  # generated tokens, exactly (end-of-text ignored)
+    warmup: int = 2  # requests per baseline before its first measured run
+    seed: int = 0  # prompts, arrivals and image seeds
+    baselines: tuple[str, ...] = ("grpc", "inprocess", "bare")
+    batching: tuple[bool, ...] = (True, False)  # classify/sample_images: on, then off
+    serve: ServeOptions = field(default_factory=ServeOptions)
+    command: str = ""  # the command line, for the report
+
+
+@dataclass(frozen=True)
+class Load:
+    """One point of the sweep."""
+
+    mode: str  # "concurrency" or "rate"
+    concurrency: int | None  # requests in flight at most (None: unlimited)
+    request_rate: float  # requests/s (inf: all at once)
+    num_prompts: int
+
+    def describe(self) -> str:
+        """c=4, or 2/s (max 8)."""
+        from bench.report import describe_load
+
+        return describe_load(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (no infinities)."""
+        rate = None if math.isinf(self.request_rate) else self.request_rate
+        return {
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "request_rate": rate,
+            "num_prompts": self.num_prompts,
+        }
+
+
+def plan(config: BenchConfig) -> list[Load]:
+    """The loads to run, in order: the concurrency sweep, then the request rates."""
+    if config.request_rates:
+        n = config.num_prompts or RATE_PROMPTS
+        return [Load("rate", config.max_concurrency, r, n) for r in config.request_rates]
+    return [
+        Load(
+            "concurrency", c, math.inf, config.num_prompts or max(MIN_PROMPTS, PROMPTS_PER_SLOT * c)
+        )
+        for c in config.concurrency
+    ]
+
+
+@dataclass
+class Model:
+    """The model under test, as the bench needs it."""
+
+    repo: Path
+    name: str
+    version: int
+    task: str
+    manifest: dict[str, Any]
+    path: Path
+
+
+def open_model(repo: Path, name: str | None) -> Model:
+    """Find and verify the model; a clear error for a missing repository or model."""
+    from engine.runtime.loader import open_version
+
+    if not Path(repo).is_dir():
+        raise EngineError(f"model repository {repo} does not exist")
+    mv = open_version(repo, name)
+    return Model(Path(repo), mv.name, mv.version, mv.task, mv.manifest, mv.path)
+
+
+def make_prompts(config: BenchConfig, model: Model, count: int) -> tuple[PromptSet, Any]:
+    """``count`` prompts for ``model`` and the tokenizer that made them (None for digits)."""
+    serving = model.manifest.get("serving", {})
+    if model.task == "sample_images":
+        return digit_prompts(int(serving.get("num_classes", 10)), count, config.seed), None
+    if model.task == "generate":
+        context = int(serving["context_length"])
+        if config.input_len + config.output_len > context:
+            raise EngineError(
+                f"--input-len {config.input_len} + --output-len {config.output_len} exceeds "
+                f"{model.name}'s context of {context} tokens"
+            )
+    tokenizer = load_tokenizer(model.path, serving)
+    trained = (model.manifest.get("checkpoint") or {}).get("config", {})
+    fraction = float(trained.get("heldout_fraction", HELDOUT_FRACTION))
+    prompts = text_prompts(tokenizer, config.input_len, count, config.seed, fraction)
+    return prompts, tokenizer
+
+
+@contextmanager
+def grpc_server(
+    config: BenchConfig, model: Model, batching: bool
+) -> Iterator[tuple[str, str | None]]:
+    """(target, metrics URL) of the server to drive: the one given, or a child process."""
+    if config.target:
+        yield config.target, config.metrics_url
+        return
+    options = replace(config.serve, dynamic_batching=batching)
+    with ServerProcess(model.repo, model.name, options) as server:
+        yield server.target, server.metrics_url
+
+
+def check_target(target: str, model: Model) -> dict[str, Any]:
+    """Fail clearly if ``target`` is unreachable or does not serve the model; compare weights."""
+    import json
+
+    from engine.client import ClientError, EngineClient
+
+    try:
+        with EngineClient(target, timeout=10) as client:
+            served = {m.name for m in client.models()}
+            if model.name not in served:
+                raise EngineError(
+                    f"the server at {target} does not serve {model.name!r}; it serves: "
+                    f"{', '.join(sorted(served)) or 'nothing'}"
+                )
+            remote = json.loads(client.model_info(model.name).manifest_json or "{}")
+    except ClientError as exc:
+        raise EngineError(f"cannot reach a server at {target}: {exc}") from None
+
+    def hashes(manifest: dict[str, Any]) -> dict[str, str]:
+        return {f["path"]: f.get("sha256", "") for f in manifest.get("files", [])}
+
+    return {"target": target, "same_weights": hashes(remote) == hashes(model.manifest)}
+
+
+class NullProgress:
+    """What the bench reports while it runs; the CLI shows it with rich (bench.progress)."""
+
+    def start(self, label: str, total: int) -> None:
+        """A run of ``total`` requests begins."""
+
+    def advance(self) -> None:
+        """One request finished."""
+
+    def finish(self) -> None:
+        """The run is over."""
+
+
+class Bench:
+    """Runs the plan for one model and collects runs, skips and baseline descriptions."""
+
+    def __init__(self, config: BenchConfig, progress: NullProgress | None = None):
+        self.config = config
+        self.progress = progress or NullProgress()
+        self.model = open_model(config.repo, config.model)
+        self.loads = plan(config)
+        count = max(max(load.num_prompts for load in self.loads), config.warmup)
+        self.prompts, self.tokenizer = make_prompts(config, self.model, count)
+        self.runs: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, Any]] = []
+        self.baselines: dict[str, dict[str, Any]] = {}
+        self.server: dict[str, Any] = {}
+
+    def settings(self) -> list[tuple[str, bool | None]]:
+        """(baseline, batching) pairs in run order; batching is None for generate models."""
+        cfg = self.config
+        if self.model.task == "generate":
+            return [(name, None) for name in cfg.baselines]
+        batching = [None] if cfg.target else list(cfg.batching)
+        grpc = [("grpc", b) for b in batching] if "grpc" in cfg.baselines else []
+        return grpc + [(name, None) for name in cfg.baselines if name != "grpc"]
+
+    def run(self) -> None:
+        """Measure every setting; unavailable baselines are recorded as skipped."""
+        if self.config.target:
+            self.server = check_target(self.config.target, self.model)
+        for name, batching in self.settings():
+            if name != "grpc" and self.model.task != "generate":
+                self._skip(
+                    name, f"runs language models only; {self.model.name} is {self.model.task}"
+                )
+                continue
+            try:
+                if name == "grpc":
+                    self._run_grpc(batching)
+                else:
+                    self._run_baseline(name)
+            except Unavailable as exc:
+                self._skip(name, str(exc))
+
+    def _skip(self, name: str, reason: str, load: Load | None = None) -> None:
+        entry = {"baseline": name, "reason": reason}
+        if load is not None:
+            entry["load"] = load.describe()
+        self.skipped.append(entry)
+
+    def _run_grpc(self, batching: bool | None) -> None:
+        label = "grpc" if batching is None else f"grpc batching {'on' if batching else 'off'}"
+        with grpc_server(self.config, self.model, batching is not False) as (target, metrics):
+            decode = self.tokenizer.decode if self.tokenizer is not None else None
+            runner = create(
+                "grpc", self._context(), target=target, task=self.model.task, decode=decode
+            )
+            try:
+                self.baselines[label] = runner.describe()
+                self._sweep(runner, label, batching, metrics)
+            finally:
+                runner.close()
+
+    def _run_baseline(self, name: str) -> None:
+        """An in-process baseline; any failure of its own is a skip with the reason, not a crash."""
+        try:
+            baseline = create(name, self._context())
+        except Unavailable:
+            raise
+        except Exception as exc:
+            raise Unavailable(f"failed to start: {type(exc).__name__}: {exc}") from None
+        try:
+            self.baselines[name] = baseline.describe()
+            self._sweep(baseline, name, None, None)
+        except Exception as exc:
+            raise Unavailable(f"failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            baseline.close()
+
+    def _context(self) -> BaselineContext:
+        checkpoint = (self.model.manifest.get("checkpoint") or {}).get("path")
+        return BaselineContext(
+            repo=self.model.repo,
+            model=self.model.name,
+            threads=self.config.serve.threads,
+            seed=self.config.seed,
+            checkpoint=Path(checkpoint) if checkpoint else None,
+            device=self.config.serve.device,
+        )
+
+    def _sweep(
+        self, baseline: Baseline, label: str, batching: bool | None, metrics: str | None
+    ) -> None:
+        cfg, prompts = self.config, self.prompts.token_ids
+        loads = []
+        for load in self.loads:
+            if load.mode == "rate" and not getattr(baseline, "supports_rate", False):
+                self._skip(label, "runs static batches: no arrival process", load)
+            else:
+                loads.append(load)
+        baseline.on_done = lambda record: self.progress.advance()
+        if cfg.warmup and loads:
+            self.progress.start(f"{label} warm-up", cfg.warmup)
+            baseline.request_rate = math.inf
+            baseline.run(prompts[: cfg.warmup], cfg.output_len, cfg.warmup)
+            self.progress.finish()
+        for load in loads:
+            self.progress.start(f"{label} {load.describe()}", load.num_prompts)
+            baseline.request_rate = load.request_rate
+            watcher = MetricsWatcher(metrics, self.model.name).start() if metrics else None
+            t0 = time.perf_counter()
+            try:
+                records = baseline.run(
+                    prompts[: load.num_prompts],
+                    cfg.output_len,
+                    load.concurrency or load.num_prompts,
+                )
+            except Exception as exc:  # record it and go on with the other loads
+                self._skip(label, f"failed: {type(exc).__name__}: {exc}", load)
+                continue
+            finally:
+                duration = time.perf_counter() - t0
+                server = watcher.stop() if watcher else None
+                self.progress.finish()
+            self.runs.append(
+                {
+                    "baseline": baseline.name,
+                    "label": label,
+                    "batching": None if batching is None else ("on" if batching else "off"),
+                    **load.to_dict(),
+                    "stats": summarize(records, duration).to_dict(),
+                    "server": server.to_dict() if server else None,
+                }
+            )

@@ -1,0 +1,123 @@
+"""``engine serve`` as a child process, so the load generator and the server never share a GIL.
+
+The server binds free ports (``--port 0 --metrics-port 0``) and prints the bound ones in its
+ready line on stderr; a reader thread keeps draining stderr (a full pipe would stall the server)
+and keeps the last lines for the error message if it dies. Stopped with SIGTERM, as in
+production, and killed only if it outlives its grace period.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import EngineError
+
+READY = re.compile(
+    r"^serving .* on grpcs?://(?P<host>[^\s,]+):(?P<port>\d+)(, metrics on (?P<m>\S+))?"
+)
+
+
+class ServerProcessError(EngineError):
+    """The server did not start (the message carries the end of its log)."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the bench starts ``engine serve``; the flags pass through unchanged."""
+
+    device: str = "cpu"  # --device: cpu, cuda or tensorrt
+    threads: int | None = None  # --threads: intra-op threads (None: the server's default)
+    dynamic_batching: bool = True  # False: --no-dynamic-batching (batch size 1)
+    extra_args: tuple[str, ...] = ()  # any other `engine serve` flags, verbatim
+    startup_timeout_s: float = 180.0  # loading checks every file's hash first
+    grace_s: float = 5.0  # drain time on SIGTERM; the bench stops it between runs only
+
+
+@dataclass
+class ServerProcess:
+    """A running ``engine serve``; use as a context manager."""
+
+    repo: Path
+    model: str
+    options: ServeOptions = field(default_factory=ServeOptions)
+    target: str = ""
+    metrics_url: str | None = None
+
+    def __post_init__(self) -> None:
+        self._log: collections.deque[str] = collections.deque(maxlen=40)
+        self._ready = threading.Event()
+        self._proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        """The argv the server runs with."""
+        opts = self.options
+        argv = [sys.executable, "-m", "engine", "serve", "--repo", str(self.repo)]
+        argv += ["--models", self.model, "--port", "0", "--metrics-port", "0"]
+        argv += ["--grace", str(opts.grace_s), "--log-level", "WARNING"]
+        if opts.device != "cpu":
+            argv += ["--device", opts.device]
+        if opts.threads:
+            argv += ["--threads", str(opts.threads)]
+        if not opts.dynamic_batching:
+            argv.append("--no-dynamic-batching")
+        return argv + list(opts.extra_args)
+
+    def _drain(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        for line in self._proc.stderr:
+            line = line.rstrip()
+            self._log.append(line)
+            found = READY.match(line)
+            if found and not self._ready.is_set():
+                self.target = f"{found['host']}:{found['port']}"
+                self.metrics_url = found["m"]
+                self._ready.set()
+
+    def log_tail(self) -> str:
+        """The last lines the server wrote."""
+        return "\n".join(self._log)
+
+    def start(self) -> ServerProcess:
+        """Start the server and wait until it accepts calls."""
+        self._proc = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        threading.Thread(target=self._drain, name="bench-server-log", daemon=True).start()
+        deadline = self.options.startup_timeout_s
+        waited = 0.0
+        while not self._ready.wait(0.1):
+            waited += 0.1
+            if self._proc.poll() is not None or waited > deadline:
+                self.stop()
+                raise ServerProcessError(
+                    f"`engine serve` did not start ({' '.join(self.command()[1:])}):\n"
+                    + (self.log_tail() or "(no output)")
+                )
+        return self
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait out the grace period, kill if still there; return the exit code."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.options.grace_s + 15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        return proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

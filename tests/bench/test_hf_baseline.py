@@ -1,0 +1,71 @@
+"""The Hugging Face ``generate`` baseline makes the engine's tokens on the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.bare_loop import greedy, load_session
+from bench.baselines.base import Unavailable
+from tests.runtime import conftest as runtime
+from tests.runtime.conftest import MODEL
+
+# The runtime tests' session fixtures: the same tiny LM as ONNX, as torch and as a checkpoint.
+lm_repo, lm_torch_repo = runtime.lm_repo, runtime.lm_torch_repo
+lm_checkpoint = runtime.lm_checkpoint
+
+pytest.importorskip("transformers", reason="transformers is not installed: pip install '.[bench]'")
+
+NEW = 12
+LENGTHS = (5, 1, 23, 11)  # a batch of 4 needs left padding
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = np.random.default_rng(2)
+    return [rng.integers(4, 8000, n).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def hf(lm_torch_repo):
+    from bench.baselines.hf import HFGenerate
+
+    baseline = HFGenerate(lm_torch_repo, MODEL, threads=1)
+    yield baseline
+    baseline.close()
+
+
+@pytest.fixture(scope="module")
+def session(lm_repo):
+    return load_session(lm_repo / MODEL / "1" / "model.onnx", threads=1)
+
+
+def test_greedy_tokens_equal_the_bare_loop_alone_and_left_padded(hf, session, prompts):
+    for p in prompts:
+        tokens, times = hf.generate([p], NEW)
+        assert tokens.tolist() == greedy(session, [p], NEW, hf.pad_id).tolist()
+        assert len(times) == NEW and times == sorted(times)  # one stamp per generated token
+    tokens, times = hf.generate(prompts, NEW)
+    expected = greedy(session, prompts, NEW, hf.pad_id)
+    assert tokens.tolist() == expected.tolist()
+    assert len(np.unique(expected)) > 20 and len(times) == NEW
+
+
+def test_run_records_one_timestamp_per_token_per_request(hf, prompts):
+    records = hf.run(prompts, 4, concurrency=2)
+    assert [r.prompt_tokens for r in records] == list(LENGTHS)
+    assert all(r.output_tokens == 4 and r.start < r.token_times[0] for r in records)
+    assert records[0].token_times == records[1].token_times  # one batch, shared stamps
+    assert records[2].start >= records[1].token_times[-1]  # batch after batch
+    assert hf.describe()["transformers"]
+
+
+def test_a_checkpoint_loads_the_same_weights_and_onnx_alone_is_refused(
+    hf, lm_checkpoint, lm_repo, prompts
+):
+    from bench.baselines.hf import HFGenerate
+
+    direct = HFGenerate(checkpoint=lm_checkpoint, threads=1)
+    assert direct.generate(prompts, 3)[0].tolist() == hf.generate(prompts, 3)[0].tolist()
+    with pytest.raises(Unavailable, match="--format torch"):
+        HFGenerate(lm_repo, MODEL)
