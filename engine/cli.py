@@ -200,6 +200,9 @@ def serve_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda or tensorrt.")] = "cpu",
     backend: Annotated[str | None, typer.Option(help="Backend name [by device].")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads.")] = None,
+    spin: Annotated[
+        bool, typer.Option(help="onnxruntime threads spin between ops (lower latency, busy cores).")
+    ] = True,
     no_dynamic_batching: Annotated[
         bool,
         typer.Option("--no-dynamic-batching", help="Classifier/GAN: one request per call."),
@@ -232,6 +235,7 @@ def serve_cmd(
         device=device,
         backend=backend,
         threads=threads,
+        spin=spin,
         dynamic_batching=not no_dynamic_batching,
         max_num_seqs=max_num_seqs,
         kv_cache_bytes=kv_cache_bytes,

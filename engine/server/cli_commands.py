@@ -37,6 +37,7 @@ def serve(
     device: str = "cpu",
     backend: str | None = None,
     threads: int | None = None,
+    spin: bool = True,
     dynamic_batching: bool = True,
     max_num_seqs: int = 16,
     kv_cache_bytes: int | None = None,
@@ -88,6 +89,7 @@ def serve(
             device=device,
             backend=backend,
             threads=threads,
+            spin=spin,
             batcher=batcher,
             config=EngineConfig(max_num_seqs=max_num_seqs, kv_cache_bytes=kv_cache_bytes),
         )

@@ -1,0 +1,48 @@
+"""``engine serve`` flags reach the engines it loads (KV budget, sequences, spinning, batching)."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.errors import EngineError
+
+
+def _serve_with(monkeypatch, tmp_path, *flags: str) -> dict:
+    """Run ``engine serve`` up to loading the models; return the arguments the loader got."""
+    import engine.server.loader as loader
+
+    seen: dict = {}
+
+    async def fake_load_models(repo, names=None, device="cpu", **kwargs):
+        seen.update(kwargs, device=device)
+        raise EngineError("stop here: the test only checks the arguments")
+
+    monkeypatch.setattr(loader, "load_models", fake_load_models)
+    result = CliRunner().invoke(app, ["serve", "--repo", str(tmp_path), *flags])
+    # engine.cli.main turns an EngineError into exit code 2; the bare app just raises it
+    assert isinstance(result.exception, EngineError) and "stop here" in str(result.exception)
+    return seen
+
+
+def test_defaults_give_16_sequences_an_automatic_kv_budget_spinning_and_batching(
+    monkeypatch, tmp_path
+):
+    seen = _serve_with(monkeypatch, tmp_path)
+    assert seen["config"].max_num_seqs == 16 and seen["config"].kv_cache_bytes is None
+    assert seen["spin"] is True and seen["batcher"] is None
+
+
+def test_flags_set_the_kv_budget_sequences_spinning_and_batching(monkeypatch, tmp_path):
+    seen = _serve_with(
+        monkeypatch,
+        tmp_path,
+        "--max-num-seqs", "32",
+        "--kv-cache-bytes", "1048576",
+        "--no-spin",
+        "--no-dynamic-batching",
+        "--threads", "1",
+    )  # fmt: skip
+    assert seen["config"].max_num_seqs == 32 and seen["config"].kv_cache_bytes == 1 << 20
+    assert seen["spin"] is False and seen["threads"] == 1
+    assert seen["batcher"].max_batch_size == 1
