@@ -26,7 +26,11 @@ class BatcherConfig:
     """Triton's dynamic-batching knobs."""
 
     max_batch_size: int = 32
-    max_queue_delay_ms: float = 2.0  # how long a lone request may wait for company
+    # Triton's default, 0: a request goes out at once, and what arrives while a batch runs forms
+    # the next batch. A delay trades low-load latency for fuller batches: measured on the
+    # classifier over gRPC (2 cores), 2 ms gave 212 req/s at 1 stream and 793 at 16; 0 ms gives
+    # 418 and 741 (unbatched: 526 and 613).
+    max_queue_delay_ms: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()  # dispatch at once when the rows reach one
 
 
