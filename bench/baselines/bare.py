@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.bare_loop import greedy, load_session
-from bench.baselines.base import Baseline, RequestRecord, Unavailable
+from bench.baselines.base import BatchedBaseline, Unavailable
 
 
-class BareLoopBaseline(Baseline):
+class BareLoopBaseline(BatchedBaseline):
     """No scheduler, no preallocation: the loop every engine feature is measured against."""
 
     name = "bare"
     description = "bare numpy + onnxruntime greedy loop, default graph, static batches"
-    supports_rate = False
-    on_done = None  # progress callback, per finished request
 
     def __init__(self, repo: Path, model: str, threads: int | None = None, device: str = "cpu"):
         """Open ``model``'s default graph with ``threads`` intra-op threads (default: per core)."""
@@ -34,21 +32,11 @@ class BareLoopBaseline(Baseline):
         self.pad_id = int(mv.serving.get("pad_token_id", 0))
         self.session = load_session(mv.path / mv.graph("default")["file"], self.threads)
 
-    def run(
-        self, prompts: list[list[int]], output_len: int, concurrency: int
-    ) -> list[RequestRecord]:
-        """Batches of ``concurrency`` prompts, one after the other."""
-        records: list[RequestRecord] = []
-        for i in range(0, len(prompts), concurrency):
-            batch = prompts[i : i + concurrency]
-            times: list[float] = []
-            start = time.perf_counter()
-            greedy(self.session, batch, output_len, self.pad_id, _stamper(times))
-            records += [RequestRecord(start, list(times), len(p)) for p in batch]
-            if self.on_done is not None:
-                for record in records[-len(batch) :]:
-                    self.on_done(record)
-        return records
+    def generate_batch(self, prompts: list[list[int]], output_len: int) -> list[float]:
+        """One left-padded batch through the bare loop; the time of each step's tokens."""
+        times: list[float] = []
+        greedy(self.session, prompts, output_len, self.pad_id, _stamper(times))
+        return times
 
     def describe(self) -> dict[str, Any]:
         """Threads and onnxruntime version."""

@@ -9,7 +9,9 @@ The metrics (TTFT, TPOT, ITL, E2E) are computed from these records alone, the sa
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,3 +56,32 @@ class Baseline(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free what the baseline holds (sessions, models, servers)."""
+
+
+class BatchedBaseline(Baseline):
+    """A baseline that runs static batches: ``concurrency`` prompts at once, batch after batch.
+
+    Every request of a batch starts when the batch does and shares its per-step token times.
+    """
+
+    supports_rate = False  # no arrival process: a batch is formed before it starts
+    on_done: Callable[[RequestRecord], None] | None = None  # progress, per finished request
+
+    @abstractmethod
+    def generate_batch(self, prompts: list[list[int]], output_len: int) -> list[float]:
+        """Greedy ``output_len`` tokens for one batch; return when each step's tokens existed."""
+
+    def run(
+        self, prompts: list[list[int]], output_len: int, concurrency: int
+    ) -> list[RequestRecord]:
+        """Batches of ``concurrency`` prompts, one after the other."""
+        records: list[RequestRecord] = []
+        for i in range(0, len(prompts), concurrency):
+            batch = prompts[i : i + concurrency]
+            start = time.perf_counter()
+            times = self.generate_batch(batch, output_len)
+            done = [RequestRecord(start, list(times), len(p)) for p in batch]
+            records += done
+            for record in done if self.on_done is not None else ():
+                self.on_done(record)
+        return records

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.baselines.base import Baseline, RequestRecord, Unavailable
+from bench.baselines.base import BatchedBaseline, Unavailable
 
 INSTALL = "pip install -e '.[bench]'"
 
@@ -123,13 +123,11 @@ def stamp_criteria(times: list[float], sync: bool) -> Any:
     return StoppingCriteriaList([Stamp()])
 
 
-class HFGenerate(Baseline):
+class HFGenerate(BatchedBaseline):
     """``GPT2LMHeadModel.generate``, greedy, static left-padded batches."""
 
     name = "hf"
     description = "Hugging Face transformers GPT2LMHeadModel.generate, greedy, static batches"
-    supports_rate = False
-    on_done = None  # progress callback, per finished request
 
     def __init__(
         self,
@@ -174,20 +172,9 @@ class HFGenerate(Baseline):
             )
         return out[:, ids.shape[1] :].cpu().numpy(), times
 
-    def run(
-        self, prompts: list[list[int]], output_len: int, concurrency: int
-    ) -> list[RequestRecord]:
-        """Batches of ``concurrency`` prompts, one after the other."""
-        records: list[RequestRecord] = []
-        for i in range(0, len(prompts), concurrency):
-            batch = prompts[i : i + concurrency]
-            start = time.perf_counter()
-            _, times = self.generate(batch, output_len)
-            done = [RequestRecord(start, list(times), len(p)) for p in batch]
-            records += done
-            for record in done if self.on_done is not None else ():
-                self.on_done(record)
-        return records
+    def generate_batch(self, prompts: list[list[int]], output_len: int) -> list[float]:
+        """The step times of one batch's :meth:`generate`."""
+        return self.generate(prompts, output_len)[1]
 
     def describe(self) -> dict[str, Any]:
         """Library versions, device, dtype and where the weights came from."""

@@ -66,6 +66,23 @@ class InplaceGraph:
         return cls(logits, tuple(kv), heads, dim, inputs[kv[0][0]]["dtype"])
 
 
+def pack_prompts(
+    requests: list, slots: np.ndarray, pad_token_id: int, sampling: SamplingState
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded token ids (n, S) and lengths (n,) of requests being (re)admitted.
+
+    Also loads each request's sampling parameters into its slot's row: admission work, done
+    once per request, shared by every runner.
+    """
+    lens = np.array([r.num_tokens for r in requests], np.int64)
+    ids = np.full((len(requests), int(lens.max())), pad_token_id, np.int64)
+    for row, r in enumerate(requests):
+        tokens = r.all_token_ids
+        ids[row, : len(tokens)] = tokens
+        sampling.set_row(int(slots[row]), r.params, r.seed, r.prompt_token_ids, r.output_token_ids)
+    return ids, lens
+
+
 class ModelRunner:
     """Runs scheduled requests through the graph and samples their next tokens."""
 
@@ -167,15 +184,8 @@ class ModelRunner:
     def _prefill(self, out: SchedulerOutput, slots: np.ndarray) -> np.ndarray:
         """Compute whole prompts (right-padded) into fresh slots; return last-token logits."""
         requests = out.prefill
-        lens = np.array([r.num_tokens for r in requests], np.int64)
-        S, n = int(lens.max()), len(requests)
-        ids = np.full((n, S), self.pad_token_id, np.int64)
-        for row, r in enumerate(requests):  # admission work, once per request
-            tokens = r.all_token_ids
-            ids[row, : len(tokens)] = tokens
-            self.sampling.set_row(
-                int(slots[row]), r.params, r.seed, r.prompt_token_ids, r.output_token_ids
-            )
+        ids, lens = pack_prompts(requests, slots, self.pad_token_id, self.sampling)
+        n, S = ids.shape
         new_mask = (self._arange[:S][None, :] < lens[:, None]).astype(np.int64)
         feeds = {
             "input_ids": ids,

@@ -32,6 +32,7 @@ import torch
 
 from engine.runtime.errors import BackendUnavailableError, ModelSignatureError
 from engine.runtime.kv_cache import KVCacheSpec
+from engine.runtime.model_runner import pack_prompts
 from engine.runtime.sampler import SamplerOutput
 from engine.runtime.sampling_state import SamplingState
 from engine.runtime.scheduler import SchedulerOutput
@@ -209,15 +210,8 @@ class TorchRunner:
     def _prefill(self, out: SchedulerOutput, slots: np.ndarray) -> torch.Tensor:
         """Compute whole prompts (right-padded) eagerly into their slots; return last logits."""
         requests = out.prefill
-        lens = np.array([r.num_tokens for r in requests], np.int64)
-        S, n = int(lens.max()), len(requests)
-        ids = np.full((n, S), self.pad_token_id, np.int64)
-        for row, r in enumerate(requests):  # admission work, once per request
-            tokens = r.all_token_ids
-            ids[row, : len(tokens)] = tokens
-            self.sampling.set_row(
-                int(slots[row]), r.params, r.seed, r.prompt_token_ids, r.output_token_ids
-            )
+        ids, lens = pack_prompts(requests, slots, self.pad_token_id, self.sampling)
+        n, S = ids.shape
         mask = (self._arange[:S][None, :] < lens[:, None]).astype(np.int64)
         to_dev = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         positions = torch.arange(S, device=self.device).expand(n, S)
