@@ -164,6 +164,7 @@ class GrpcRunner(AsyncDriven):
                     # the server streams a token a chunk; k tokens in one chunk share its arrival
                     now = time.perf_counter()
                     record.token_times.extend([now] * len(chunk.token_ids))
+                    record.token_ids.extend(chunk.token_ids)
                     if chunk.usage.prompt_tokens:
                         record.prompt_tokens = int(chunk.usage.prompt_tokens)
             elif self.task == "classify":

@@ -140,6 +140,7 @@ def table(report: dict[str, Any]) -> Table:
         for name in ("TTFT", "TPOT", "ITL", "E2E"):
             t.add_column(f"{name} p50/p99", justify="right")
         t.add_column("KV mean/max", justify="right")
+        t.add_column("same tokens", justify="right")
     else:
         t.add_column("E2E mean/p50/p90/p99", justify="right")
     t.add_column("batch", justify="right")
@@ -157,6 +158,8 @@ def table(report: dict[str, Any]) -> Table:
             row += [_ms(s[k], "p50", "p99") for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")]
             kv = [server.get("kv_usage_mean"), server.get("kv_usage_max")]
             row.append("-" if kv[0] is None else f"{kv[0]:.0%}/{kv[1]:.0%}")
+            same = run.get("same_tokens") or {}
+            row.append(f"{same['identical']}/{same['compared']}" if same.get("compared") else "-")
         else:
             row.append(_ms(s["e2el_ms"], "mean", "p50", "p90", "p99"))
         batch = server.get("batch_size_mean")

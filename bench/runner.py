@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.baselines import BaselineContext, Unavailable, create
-from bench.baselines.base import Baseline
-from bench.metrics import summarize
+from bench.baselines.base import Baseline, RequestRecord
+from bench.metrics import succeeded, summarize
 from bench.prompts import (
     HELDOUT_FRACTION,
     PromptSet,
@@ -201,6 +201,9 @@ class Bench:
         self.skipped: list[dict[str, Any]] = []
         self.baselines: dict[str, dict[str, Any]] = {}
         self.server: dict[str, Any] = {}
+        # Greedy tokens per prompt index from the first baseline that produced them (the
+        # server, when it runs first): every later run is checked against these.
+        self.reference: tuple[str, dict[int, list[int]]] | None = None
 
     def settings(self) -> list[tuple[str, bool | None]]:
         """(baseline, batching) pairs in run order; batching is None for generate models."""
@@ -264,6 +267,25 @@ class Bench:
         finally:
             baseline.close()
 
+    def _same_tokens(self, label: str, records: list[RequestRecord]) -> dict[str, Any] | None:
+        """How many requests produced the reference baseline's greedy tokens for their prompt.
+
+        Records come back in prompt order, so record i answers prompt i. None when there are
+        no tokens to compare (classifier, GAN).
+        """
+        ok = {i: r.token_ids for i, r in enumerate(records) if succeeded(r) and r.token_ids}
+        if not ok:
+            return None
+        if self.reference is None:
+            self.reference = (label, {})
+        name, tokens = self.reference
+        common = [i for i in ok if i in tokens]  # before this run adds to the reference
+        same = sum(ok[i] == tokens[i] for i in common)
+        if name == label:
+            for i, ids in ok.items():
+                tokens.setdefault(i, ids)
+        return {"reference": name, "identical": same, "compared": len(common)}
+
     def _context(self) -> BaselineContext:
         checkpoint = (self.model.manifest.get("checkpoint") or {}).get("path")
         return BaselineContext(
@@ -317,5 +339,6 @@ class Bench:
                     **load.to_dict(),
                     "stats": summarize(records, duration).to_dict(),
                     "server": server.to_dict() if server else None,
+                    "same_tokens": self._same_tokens(label, records),
                 }
             )

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.bare_loop import greedy, load_session
 from bench.baselines.base import BatchedBaseline, Unavailable
 
@@ -32,11 +34,13 @@ class BareLoopBaseline(BatchedBaseline):
         self.pad_id = int(mv.serving.get("pad_token_id", 0))
         self.session = load_session(mv.path / mv.graph("default")["file"], self.threads)
 
-    def generate_batch(self, prompts: list[list[int]], output_len: int) -> list[float]:
-        """One left-padded batch through the bare loop; the time of each step's tokens."""
+    def generate_batch(
+        self, prompts: list[list[int]], output_len: int
+    ) -> tuple[list[float], np.ndarray]:
+        """One left-padded batch through the bare loop: each step's time and the tokens."""
         times: list[float] = []
-        greedy(self.session, prompts, output_len, self.pad_id, _stamper(times))
-        return times
+        tokens = greedy(self.session, prompts, output_len, self.pad_id, _stamper(times))
+        return times, tokens
 
     def describe(self) -> dict[str, Any]:
         """Threads and onnxruntime version."""

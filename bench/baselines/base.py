@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 class Unavailable(Exception):
     """A baseline cannot run here (a package or device is missing); the message says which."""
@@ -27,6 +29,7 @@ class RequestRecord:
     start: float
     token_times: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # the output, to compare baselines by
     error: str | None = None  # set when the request failed; it then counts as failed
 
     @property
@@ -68,8 +71,10 @@ class BatchedBaseline(Baseline):
     on_done: Callable[[RequestRecord], None] | None = None  # progress, per finished request
 
     @abstractmethod
-    def generate_batch(self, prompts: list[list[int]], output_len: int) -> list[float]:
-        """Greedy ``output_len`` tokens for one batch; return when each step's tokens existed."""
+    def generate_batch(
+        self, prompts: list[list[int]], output_len: int
+    ) -> tuple[list[float], np.ndarray]:
+        """Greedy ``output_len`` tokens for one batch: each step's time and the (B, n) tokens."""
 
     def run(
         self, prompts: list[list[int]], output_len: int, concurrency: int
@@ -79,8 +84,11 @@ class BatchedBaseline(Baseline):
         for i in range(0, len(prompts), concurrency):
             batch = prompts[i : i + concurrency]
             start = time.perf_counter()
-            times = self.generate_batch(batch, output_len)
-            done = [RequestRecord(start, list(times), len(p)) for p in batch]
+            times, tokens = self.generate_batch(batch, output_len)
+            done = [
+                RequestRecord(start, list(times), len(p), tokens[row].tolist())
+                for row, p in enumerate(batch)
+            ]
             records += done
             for record in done if self.on_done is not None else ():
                 self.on_done(record)

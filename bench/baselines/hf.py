@@ -172,9 +172,12 @@ class HFGenerate(BatchedBaseline):
             )
         return out[:, ids.shape[1] :].cpu().numpy(), times
 
-    def generate_batch(self, prompts: list[list[int]], output_len: int) -> list[float]:
-        """The step times of one batch's :meth:`generate`."""
-        return self.generate(prompts, output_len)[1]
+    def generate_batch(
+        self, prompts: list[list[int]], output_len: int
+    ) -> tuple[list[float], np.ndarray]:
+        """One batch's :meth:`generate`: each step's time and the tokens."""
+        tokens, times = self.generate(prompts, output_len)
+        return times, tokens
 
     def describe(self) -> dict[str, Any]:
         """Library versions, device, dtype and where the weights came from."""

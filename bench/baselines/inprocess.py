@@ -47,6 +47,7 @@ class InProcessBaseline(AsyncDriven):
             async for out in self.engine.generate(prompt, params):
                 now = time.perf_counter()
                 record.token_times.extend([now] * len(out.delta_token_ids))
+                record.token_ids.extend(out.delta_token_ids)
         except Exception as exc:  # a failed request is a result, not a crash of the bench
             record.error = f"{type(exc).__name__}: {exc}"
         return record

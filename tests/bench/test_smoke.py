@@ -53,6 +53,28 @@ def test_the_report_has_every_run_with_sane_figures(lm_report):
     assert "grpc" in stdout and "TTFT" in stdout
 
 
+def test_every_baseline_produced_the_servers_greedy_tokens(lm_report):
+    _, report, stdout = lm_report
+    runs = {(r["label"], r["concurrency"]): r["same_tokens"] for r in report["runs"]}
+    assert runs[("grpc", 1)] == {"reference": "grpc", "identical": 0, "compared": 0}
+    for key in [("grpc", 2), ("inprocess", 1), ("inprocess", 2), ("bare", 1), ("bare", 2)]:
+        assert runs[key] == {"reference": "grpc", "identical": 4, "compared": 4}, key
+    assert "same tokens" in stdout and "4/4" in stdout
+
+
+def test_a_baseline_with_other_tokens_is_counted_as_different():
+    from bench.baselines.base import RequestRecord
+    from bench.runner import Bench
+
+    bench = Bench.__new__(Bench)  # only the token bookkeeping, no model or server
+    bench.reference = None
+    record = lambda ids: RequestRecord(0.0, [1.0] * len(ids), 3, ids)  # noqa: E731
+    assert bench._same_tokens("grpc", [record([5, 6]), record([7, 8])])["compared"] == 0
+    other = bench._same_tokens("hf", [record([5, 6]), record([7, 9]), record([1, 2])])
+    assert other == {"reference": "grpc", "identical": 1, "compared": 2}
+    assert bench._same_tokens("grpc", [record([5, 6])] * 3)["compared"] == 2  # 3rd joins now
+
+
 def test_the_plots_are_written(lm_report):
     out, _, stdout = lm_report
     for name in ("throughput_vs_concurrency.png", "latency_vs_throughput.png"):
