@@ -147,11 +147,19 @@ class ModelRunner:
         self.length[slots] = 0
 
     def _fit_window(self, needed: int) -> None:
-        """Re-lay the pool out for the smallest window step that holds ``needed`` tokens."""
+        """Re-lay the pool out for the smallest window step that holds ``needed`` tokens.
+
+        Growing is a must. Shrinking copies every live sequence to save attention over one
+        step of idle slots, which the next growth takes back: when the longest of many
+        sequences ends, the others soon reach the old window again. So the window shrinks
+        only when that saves at least two steps, or when nothing live would be copied.
+        """
         step = self.window_step
         window = min(self.max_model_len, max(step, -(-needed // step) * step))
         if window == self.window:
             return
+        if self.window - 2 * step < window < self.window and self.length.any():
+            return  # a shrink by one step: not worth a copy of the live cache
         old, keep = self.window, min(self.window, window)
         live = np.flatnonzero(self.length)
         # Growing moves each slot to a higher offset, so go last-first; shrinking, first-last.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -227,3 +228,24 @@ def test_the_serving_path_never_imports_torch(lm_repo):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["torch"] is False and len(result["deltas"]) >= 1
+
+
+def test_the_attention_window_grows_at_once_and_shrinks_only_when_it_pays(lm_repo, prompts):
+    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig(max_num_seqs=4))
+    runner, step = engine.runner, engine.runner.window_step
+    greedy = functools.partial(SamplingParams, temperature=0.0, ignore_eos=True)
+    # 40 + 10 tokens, then 26 + 30: when the first ends (needs a 64 window) the second holds
+    # 36 tokens, one step (16) below: no copy for that; later a 3-token one ends alone.
+    engine.add_request(prompts[3], greedy(max_tokens=10))
+    engine.add_request(prompts[5], greedy(max_tokens=30))
+    windows = []
+    while engine.has_unfinished:
+        engine.step()
+        live = runner.length[runner.length > 0]
+        if live.size:  # every live sequence's cached tokens are inside the window
+            assert runner.window >= live.max()
+            windows.append(runner.window)
+    assert windows[0] == 48 and max(windows) == 64 and windows[-1] == 64
+    assert all(b >= a for a, b in zip(windows, windows[1:]))  # no one-step shrink, ever
+    engine.generate_all([prompts[4]], greedy(max_tokens=3))  # alone: nothing live to copy
+    assert runner.window == step and engine.kv_stats().used_blocks == 0
