@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import time
+from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -86,9 +87,9 @@ class AsyncDriven(Baseline):
     async def shut(self) -> None:  # noqa: B027 - optional
         """Called once, inside the event loop, when the baseline is closed."""
 
+    @abstractmethod
     async def send(self, prompt: list[int], output_len: int) -> RequestRecord:
         """Send one request and time it."""
-        raise NotImplementedError
 
     def run(
         self, prompts: list[list[int]], output_len: int, concurrency: int

@@ -288,10 +288,10 @@ def client_generate_cmd(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Stream a completion from a served language model to the terminal."""
-    from engine.server.cli_commands import client_generate
+    from engine.server.cli_commands import Connection, client_generate
 
     client_generate(
-        target,
+        Connection(target, token, auth_token_file, tls, tls_ca, timeout),
         model,
         prompt,
         max_tokens=max_tokens,
@@ -300,11 +300,6 @@ def client_generate_cmd(
         top_p=top_p,
         seed=seed,
         stop=stop or (),
-        token=token,
-        token_file=auth_token_file,
-        tls=tls,
-        tls_ca=tls_ca,
-        timeout=timeout,
     )
 
 
@@ -320,17 +315,12 @@ def client_classify_cmd(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Classify texts with a served classifier; prints label, probability, text."""
-    from engine.server.cli_commands import client_classify
+    from engine.server.cli_commands import Connection, client_classify
 
     client_classify(
-        target,
+        Connection(target, token, auth_token_file, tls, tls_ca, timeout),
         model,
         texts,
-        token=token,
-        token_file=auth_token_file,
-        tls=tls,
-        tls_ca=tls_ca,
-        timeout=timeout,
     )
 
 
@@ -348,19 +338,14 @@ def client_sample_images_cmd(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Generate digit images with a served GAN and write one PNG per digit."""
-    from engine.server.cli_commands import client_sample_images
+    from engine.server.cli_commands import Connection, client_sample_images
 
     client_sample_images(
-        target,
+        Connection(target, token, auth_token_file, tls, tls_ca, timeout),
         model,
         digits,
         seed=seed,
         out_dir=out_dir,
-        token=token,
-        token_file=auth_token_file,
-        tls=tls,
-        tls_ca=tls_ca,
-        timeout=timeout,
     )
 
 
@@ -374,11 +359,9 @@ def client_models_cmd(
     timeout: TimeoutOpt = None,
 ) -> None:
     """List the models a server serves."""
-    from engine.server.cli_commands import client_models
+    from engine.server.cli_commands import Connection, client_models
 
-    client_models(
-        target, token=token, token_file=auth_token_file, tls=tls, tls_ca=tls_ca, timeout=timeout
-    )
+    client_models(Connection(target, token, auth_token_file, tls, tls_ca, timeout))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,7 +18,12 @@ from engine.errors import EngineError
 from exporters.base import ExportError
 from exporters.onnx_graph import DEFAULT_OPSET, graph_io, optimize, to_fp16, trace
 from exporters.progress import Stages
-from exporters.provenance import checkpoint_info, context_length, library_versions
+from exporters.provenance import (
+    checkpoint_info,
+    context_length,
+    library_versions,
+    manifest_header,
+)
 from exporters.repository import copy_artifact, staged_version, write_manifest
 
 MAIN_FILE = "model.onnx"
@@ -208,16 +212,9 @@ def _export(
                 tmp, graphs, arch, config, options, max_seq, stages, Path(repo) / name
             )
         with stages.stage("write"):
+            libraries = library_versions(*(["tensorrt"] if post is not None else []))
             manifest = {
-                "name": name,
-                "version": version,
-                "format": fmt,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "architecture": arch.name,
-                "task": arch.task,
-                "plugin": plugin,
-                "checkpoint": checkpoint,
-                "libraries": library_versions(*(["tensorrt"] if post is not None else [])),
+                **manifest_header(name, version, fmt, arch, plugin, checkpoint, libraries),
                 "opset": opset,
                 "precision": "fp16" if options.fp16 else "fp32",
                 "precision_note": FP16_NOTE if options.fp16 else None,

@@ -7,6 +7,7 @@ same way. Torch-free: only the stdlib and the checkpoint's ``config.json``.
 from __future__ import annotations
 
 import platform
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,29 @@ def library_versions(*extra: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = None
     return out
+
+
+def manifest_header(
+    name: str,
+    version: int,
+    fmt: str,
+    arch: Any,
+    plugin: dict[str, Any],
+    checkpoint: dict[str, Any],
+    libraries: dict[str, Any],
+) -> dict[str, Any]:
+    """The fields every format's manifest starts with: what, when, from which plugin and run."""
+    return {
+        "name": name,
+        "version": version,
+        "format": fmt,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "architecture": arch.name,
+        "task": arch.task,
+        "plugin": plugin,
+        "checkpoint": checkpoint,
+        "libraries": libraries,
+    }
 
 
 def checkpoint_info(ckpt_dir: Path, arch_name: str) -> tuple[dict[str, Any], dict[str, Any]]:

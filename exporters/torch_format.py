@@ -13,7 +13,6 @@ Importing this module imports no torch; ``export`` loads it when it runs.
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,12 @@ def _write_version(
     import torch
     from safetensors.torch import save_model
 
-    from exporters.provenance import checkpoint_info, context_length, library_versions
+    from exporters.provenance import (
+        checkpoint_info,
+        context_length,
+        library_versions,
+        manifest_header,
+    )
     from exporters.repository import copy_artifact, staged_version, write_manifest
 
     serving = arch.serving_metadata(config, ckpt_dir)
@@ -122,15 +126,9 @@ def _write_version(
                 validation = _reload_matches(tmp, model)
         with stages.stage("write"):
             manifest = {
-                "name": name,
-                "version": version,
-                "format": FORMAT,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "architecture": arch.name,
-                "task": arch.task,
-                "plugin": plugin,
-                "checkpoint": source,
-                "libraries": library_versions("safetensors"),
+                **manifest_header(
+                    name, version, FORMAT, arch, plugin, source, library_versions("safetensors")
+                ),
                 "precision": "fp16" if fp16 else "fp32",
                 "max_seq": max_seq or context_length(serving),
                 "weights": {

@@ -138,16 +138,29 @@ class HFGenerate(BatchedBaseline):
         device: str = "cpu",
     ):
         """Load the weights of ``model`` (see :func:`find_weights`) onto ``device``."""
-        require_transformers()
+        reason = self.why_unavailable(device)
+        if reason:
+            raise Unavailable(reason)
         import torch
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise Unavailable(f"device {device!r} asked for, but torch sees no CUDA GPU")
         if threads:
             torch.set_num_threads(threads)
         self.device, self.threads = device, threads
         self.weights = find_weights(repo, model, checkpoint)
         self.model, self.pad_id = self._load()
+
+    @staticmethod
+    def why_unavailable(device: str) -> str | None:
+        """Why this baseline cannot run on ``device`` here (a package, a GPU), or None."""
+        try:
+            require_transformers()
+        except Unavailable as exc:
+            return str(exc)
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            return f"device {device!r} asked for, but torch sees no CUDA GPU"
+        return None
 
     def _load(self) -> tuple[Any, int]:
         """The model whose ``generate`` runs (subclasses swap in another runtime)."""
@@ -197,6 +210,3 @@ class HFGenerate(BatchedBaseline):
     def close(self) -> None:
         """Drop the model (and its GPU memory)."""
         self.model = None
-
-
-HFBaseline = HFGenerate  # the name bench/baselines/__init__.py's registry uses

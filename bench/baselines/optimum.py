@@ -8,17 +8,15 @@ It measures what the Hugging Face ONNX stack gives on our weights.
 Optimum's ONNX support lives in ``optimum-onnx``, whose only release (0.1.0) pins
 ``transformers<4.58`` and ``optimum~=2.1.0``; that in turn caps ``tokenizers`` at 0.23.0 and
 ``huggingface_hub`` below 1.0. It is its own extra (``.[optimum]``) for that reason: where it
-is not installed, :meth:`OptimumORT.check` says so and the bench reports the baseline skipped.
+is not installed, constructing :class:`OptimumORT` says so and the bench reports it skipped.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from bench.baselines.base import Unavailable
 from bench.baselines.hf import HFGenerate, load_gpt2
 
 INSTALL = "pip install -e '.[optimum]'"
@@ -51,25 +49,10 @@ class OptimumORT(HFGenerate):
     name = "optimum"
     description = "Optimum ORTModelForCausalLM (onnxruntime) generate, greedy, static batches"
 
-    def __init__(
-        self,
-        repo: Path | None = None,
-        model: str | None = None,
-        threads: int | None = None,
-        checkpoint: Path | None = None,
-        device: str = "cpu",
-    ):
-        """Export the weights of ``model`` with Optimum and open them in onnxruntime."""
-        reason = unavailable_reason(device)
-        if reason:
-            raise Unavailable(reason)
-        super().__init__(repo, model, threads, checkpoint, device)
-
-    def check(self) -> None:
-        """Raise :class:`Unavailable` if optimum-onnx or the device's provider is missing."""
-        reason = unavailable_reason(self.device)
-        if reason:
-            raise Unavailable(reason)
+    @staticmethod
+    def why_unavailable(device: str) -> str | None:
+        """Why not here: transformers, optimum-onnx or the device's provider is missing."""
+        return HFGenerate.why_unavailable(device) or unavailable_reason(device)
 
     def _load(self) -> tuple[Any, int]:
         """Export the Hugging Face model with Optimum into a temporary directory and load it."""
@@ -114,6 +97,3 @@ class OptimumORT(HFGenerate):
         if getattr(self, "_dir", None) is not None:
             self._dir.cleanup()
             self._dir = None
-
-
-OptimumBaseline = OptimumORT  # the name bench/baselines/__init__.py's registry uses

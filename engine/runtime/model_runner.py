@@ -17,6 +17,7 @@ The cache mask is not stored: slot t of a sequence is valid iff t < its length.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,55 @@ def pack_prompts(
     return ids, lens
 
 
-class ModelRunner:
+class SlotRunner(ABC):
+    """What every runner shares: per-slot decode state and the step that samples from it.
+
+    A runner computes logits for the prefill part (:meth:`_prefill`) and the decode part
+    (:meth:`_decode`) of a step; this class samples from them and advances each slot.
+    """
+
+    def _init_slots(self, num_slots: int, vocab_size: int, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.length = np.zeros(num_slots, np.int64)  # cached tokens = next write position
+        self.last_token = np.full(num_slots, pad_token_id, np.int64)
+        self.steps = np.zeros(num_slots, np.int64)  # output tokens so far (keys the RNG)
+        self.sampling = SamplingState(num_slots, vocab_size)
+
+    def release(self, slots: np.ndarray) -> None:
+        """Forget finished or preempted slots (their data is dead; windows may shrink)."""
+        self.length[slots] = 0
+
+    def execute(self, out: SchedulerOutput, slots: np.ndarray) -> SamplerOutput:
+        """Run one step; ``slots`` (len(out.requests),) gives each scheduled request's slot.
+
+        Returns the sampled tokens in ``out.requests`` order (prefill first, then decode).
+        """
+        n = len(out.prefill)
+        parts = []
+        if n:
+            parts.append(self._prefill(out, slots[:n]))
+        if len(out.decode):
+            parts.append(self._decode(slots[n:]))
+        sampled = self._sample(parts, slots)
+        self.last_token[slots] = sampled.token_ids
+        self.steps[slots] += 1
+        return sampled
+
+    def _sample(self, parts: list, slots: np.ndarray) -> SamplerOutput:
+        """Sample from the step's logits (numpy (n, V) parts, in ``slots`` order)."""
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self.sampling.sample(logits, slots, self.steps[slots])
+
+    @abstractmethod
+    def _prefill(self, out: SchedulerOutput, slots: np.ndarray) -> Any:
+        """Compute whole prompts into fresh slots; return their last-token logits."""
+
+    @abstractmethod
+    def _decode(self, slots: np.ndarray) -> Any:
+        """One token for each slot; return the logits."""
+
+
+class ModelRunner(SlotRunner):
     """Runs scheduled requests through the graph and samples their next tokens."""
 
     def __init__(
@@ -99,7 +148,6 @@ class ModelRunner:
     ):
         self.backend, self.graph = backend, graph
         self.num_slots, self.max_model_len = num_slots, max_model_len
-        self.pad_token_id = pad_token_id
         self.io_binding = io_binding
         self.window_step = window_step
         H, T, D = graph.num_heads, max_model_len, graph.head_dim
@@ -114,9 +162,7 @@ class ModelRunner:
         self._mask = np.zeros(num_slots * T, np.int64)
         self._arange = np.arange(T, dtype=np.int64)
         # Per-slot decode state, updated with vectorized writes after every step.
-        self.length = np.zeros(num_slots, np.int64)  # cached tokens = next write position
-        self.last_token = np.full(num_slots, pad_token_id, np.int64)
-        self.steps = np.zeros(num_slots, np.int64)  # output tokens so far (keys the RNG)
+        self._init_slots(num_slots, vocab_size, pad_token_id)
         self._ids = np.full((num_slots, 1), pad_token_id, np.int64)
         self._pos = np.zeros((num_slots, 1), np.int64)
         self._ones = np.ones((num_slots, 1), np.int64)
@@ -127,7 +173,6 @@ class ModelRunner:
         self._no_cache = np.zeros((num_slots, H, 1, D), dtype)
         self._no_mask = np.zeros((num_slots, 1), np.int64)
         self._bound: tuple | None = None  # (key, feeds, outputs) of the last bound decode step
-        self.sampling = SamplingState(num_slots, vocab_size)
 
     @property
     def kv_bytes(self) -> int:
@@ -141,10 +186,6 @@ class ModelRunner:
         return self._pool[:, : self.num_slots * self._block * w].reshape(
             len(self.graph.kv), self.num_slots, H, w, D
         )
-
-    def release(self, slots: np.ndarray) -> None:
-        """Forget finished or preempted slots (their data is dead; windows may shrink)."""
-        self.length[slots] = 0
 
     def _fit_window(self, needed: int) -> None:
         """Re-lay the pool out for the smallest window step that holds ``needed`` tokens.
@@ -171,23 +212,6 @@ class ModelRunner:
         self.window = window
         self._view = dst
         self._bound = None
-
-    def execute(self, out: SchedulerOutput, slots: np.ndarray) -> SamplerOutput:
-        """Run one step; ``slots`` (len(out.requests),) gives each scheduled request's slot.
-
-        Returns the sampled tokens in ``out.requests`` order (prefill first, then decode).
-        """
-        n = len(out.prefill)
-        parts = []
-        if n:
-            parts.append(self._prefill(out, slots[:n]))
-        if len(out.decode):
-            parts.append(self._decode(slots[n:]))
-        logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        sampled = self.sampling.sample(logits, slots, self.steps[slots])
-        self.last_token[slots] = sampled.token_ids
-        self.steps[slots] += 1
-        return sampled
 
     def _prefill(self, out: SchedulerOutput, slots: np.ndarray) -> np.ndarray:
         """Compute whole prompts (right-padded) into fresh slots; return last-token logits."""

@@ -32,9 +32,8 @@ import torch
 
 from engine.runtime.errors import BackendUnavailableError, ModelSignatureError
 from engine.runtime.kv_cache import KVCacheSpec
-from engine.runtime.model_runner import pack_prompts
+from engine.runtime.model_runner import SlotRunner, pack_prompts
 from engine.runtime.sampler import SamplerOutput
-from engine.runtime.sampling_state import SamplingState
 from engine.runtime.scheduler import SchedulerOutput
 
 DTYPES = {
@@ -92,7 +91,7 @@ def batch_buckets(num_slots: int) -> list[int]:
     return [*out, num_slots]
 
 
-class TorchRunner:
+class TorchRunner(SlotRunner):
     """Runs scheduled requests through a torch module with a static KV cache; samples tokens."""
 
     def __init__(
@@ -115,7 +114,6 @@ class TorchRunner:
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
         self.num_slots, self.max_model_len = num_slots, max_model_len
-        self.pad_token_id = pad_token_id
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.buckets = batch_buckets(num_slots)
         L, H, T, D = spec.num_layers, spec.num_kv_heads, max_model_len, spec.head_dim
@@ -132,11 +130,7 @@ class TorchRunner:
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._arange = np.arange(T, dtype=np.int64)
-        # Per-slot decode state, as in ModelRunner.
-        self.length = np.zeros(num_slots, np.int64)  # cached tokens = next write position
-        self.last_token = np.full(num_slots, pad_token_id, np.int64)
-        self.steps = np.zeros(num_slots, np.int64)  # output tokens so far (keys the RNG)
-        self.sampling = SamplingState(num_slots, vocab_size)
+        self._init_slots(num_slots, vocab_size, pad_token_id)  # per-slot decode state
 
     @classmethod
     def from_version(
@@ -180,32 +174,18 @@ class TorchRunner:
             return 0
         return 2 * self.k.numel() * self.k.element_size()
 
-    def release(self, slots: np.ndarray) -> None:
-        """Forget finished or preempted slots (their data is dead)."""
-        self.length[slots] = 0
-
     @torch.no_grad()
     def execute(self, out: SchedulerOutput, slots: np.ndarray) -> SamplerOutput:
-        """Run one step; ``slots`` (len(out.requests),) gives each scheduled request's slot.
+        """:meth:`SlotRunner.execute` without autograd."""
+        return super().execute(out, slots)
 
-        Returns the sampled tokens in ``out.requests`` order (prefill first, then decode).
-        """
-        n = len(out.prefill)
-        parts = []
-        if n:
-            parts.append(self._prefill(out, slots[:n]))
-        if len(out.decode):
-            parts.append(self._decode(slots[n:]))
+    def _sample(self, parts: list, slots: np.ndarray) -> SamplerOutput:
+        """An all-greedy batch takes its argmax on the device: only token ids cross over."""
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, V) on the device
         if self.sampling.argmax_only[slots].all():
             ids = logits.argmax(dim=-1).cpu().numpy().astype(np.int64)
-            sampled = SamplerOutput(token_ids=ids)
-        else:
-            host = logits.float().cpu().numpy()
-            sampled = self.sampling.sample(host, slots, self.steps[slots])
-        self.last_token[slots] = sampled.token_ids
-        self.steps[slots] += 1
-        return sampled
+            return SamplerOutput(token_ids=ids)
+        return super()._sample([logits.float().cpu().numpy()], slots)
 
     def _prefill(self, out: SchedulerOutput, slots: np.ndarray) -> torch.Tensor:
         """Compute whole prompts (right-padded) eagerly into their slots; return last logits."""

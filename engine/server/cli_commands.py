@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -116,23 +117,29 @@ def serve(
     asyncio.run(main())
 
 
-def _client(
-    target: str,
-    token: str | None,
-    token_file: Path | None,
-    tls: bool,
-    tls_ca: Path | None,
-    timeout: float | None,
-):
-    from engine.client import EngineClient, read_token
+@dataclass(frozen=True)
+class Connection:
+    """How a client command reaches a server: address, credentials, TLS, deadline."""
 
-    return EngineClient(
-        target, token=read_token(token, token_file), tls=tls, tls_ca=tls_ca, timeout=timeout
-    )
+    target: str = "127.0.0.1:50051"
+    token: str | None = None
+    token_file: Path | None = None
+    tls: bool = False
+    tls_ca: Path | None = None
+    timeout: float | None = None
+
+    def open(self):
+        """An :class:`engine.client.EngineClient` (a context manager) for this server."""
+        from engine.client import EngineClient, read_token
+
+        token = read_token(self.token, self.token_file)
+        return EngineClient(
+            self.target, token=token, tls=self.tls, tls_ca=self.tls_ca, timeout=self.timeout
+        )
 
 
 def client_generate(
-    target: str,
+    conn: Connection,
     model: str,
     prompt: str,
     max_tokens: int = 64,
@@ -141,17 +148,12 @@ def client_generate(
     top_p: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
-    token: str | None = None,
-    token_file: Path | None = None,
-    tls: bool = False,
-    tls_ca: Path | None = None,
-    timeout: float | None = None,
     out: TextIO | None = None,
 ) -> str:
     """Stream a completion to ``out`` (stdout) as it arrives; return the whole text."""
     out = out or sys.stdout
     parts = []
-    with _client(target, token, token_file, tls, tls_ca, timeout) as client:
+    with conn.open() as client:
         for chunk in client.generate_stream(
             model,
             prompt,
@@ -170,19 +172,14 @@ def client_generate(
 
 
 def client_classify(
-    target: str,
+    conn: Connection,
     model: str,
     texts: Sequence[str],
-    token: str | None = None,
-    token_file: Path | None = None,
-    tls: bool = False,
-    tls_ca: Path | None = None,
-    timeout: float | None = None,
     out: TextIO | None = None,
 ) -> list:
     """Print each text's label and probability; return the Classified results."""
     out = out or sys.stdout
-    with _client(target, token, token_file, tls, tls_ca, timeout) as client:
+    with conn.open() as client:
         results = client.classify(model, list(texts))
     for text, result in zip(texts, results):
         short = text if len(text) <= 60 else text[:57] + "..."
@@ -191,21 +188,16 @@ def client_classify(
 
 
 def client_sample_images(
-    target: str,
+    conn: Connection,
     model: str,
     digits: Sequence[int],
     seed: int | None = None,
     out_dir: Path = Path("."),
-    token: str | None = None,
-    token_file: Path | None = None,
-    tls: bool = False,
-    tls_ca: Path | None = None,
-    timeout: float | None = None,
     out: TextIO | None = None,
 ) -> list[Path]:
     """Write one PNG per digit into ``out_dir`` (digit<d>_<i>.png); print and return the paths."""
     out = out or sys.stdout
-    with _client(target, token, token_file, tls, tls_ca, timeout) as client:
+    with conn.open() as client:
         response = client.sample_images(model, list(digits), seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,17 +212,12 @@ def client_sample_images(
 
 
 def client_models(
-    target: str,
-    token: str | None = None,
-    token_file: Path | None = None,
-    tls: bool = False,
-    tls_ca: Path | None = None,
-    timeout: float | None = None,
+    conn: Connection,
     out: TextIO | None = None,
 ) -> list:
     """Print the served models (name, version, task, architecture); return the summaries."""
     out = out or sys.stdout
-    with _client(target, token, token_file, tls, tls_ca, timeout) as client:
+    with conn.open() as client:
         models = client.models()
     for m in models:
         out.write(f"{m.name}\tv{m.version}\t{m.task}\t{m.architecture}\n")

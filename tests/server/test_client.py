@@ -11,6 +11,7 @@ import pytest
 from engine.client import ClientError, EngineClient
 from engine.errors import EngineError
 from engine.server.cli_commands import (
+    Connection,
     client_classify,
     client_generate,
     client_models,
@@ -22,13 +23,15 @@ from tests.server.fakes import FakeLM
 
 def test_client_generate_streams_to_the_terminal(server):
     out = io.StringIO()
-    text = client_generate(server.target, "lm", "hello", max_tokens=7, temperature=0, out=out)
+    text = client_generate(
+        Connection(server.target), "lm", "hello", max_tokens=7, temperature=0, out=out
+    )
     assert len(text) == 7 and out.getvalue() == text + "\n"
 
 
 def test_client_classify_prints_label_and_probability(server):
     out = io.StringIO()
-    results = client_classify(server.target, "clf", ["abc", "hello"], out=out)
+    results = client_classify(Connection(server.target), "clf", ["abc", "hello"], out=out)
     lines = out.getvalue().splitlines()
     assert [line.split("\t")[0] for line in lines] == [r.label for r in results]
     assert lines[1].endswith("hello")
@@ -36,7 +39,9 @@ def test_client_classify_prints_label_and_probability(server):
 
 def test_client_sample_images_writes_pngs(server, tmp_path):
     out = io.StringIO()
-    paths = client_sample_images(server.target, "gan", [1, 2, 3], seed=5, out_dir=tmp_path, out=out)
+    paths = client_sample_images(
+        Connection(server.target), "gan", [1, 2, 3], seed=5, out_dir=tmp_path, out=out
+    )
     assert [p.name for p in paths] == ["digit1_0.png", "digit2_1.png", "digit3_2.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
     assert out.getvalue().splitlines()[-1] == "seed 5"
@@ -44,7 +49,7 @@ def test_client_sample_images_writes_pngs(server, tmp_path):
 
 def test_client_models_lists_every_model(server):
     out = io.StringIO()
-    client_models(server.target, out=out)
+    client_models(Connection(server.target), out=out)
     assert sorted(line.split("\t")[0] for line in out.getvalue().splitlines()) == [
         "clf",
         "gan",
@@ -54,12 +59,12 @@ def test_client_models_lists_every_model(server):
 
 def test_errors_are_one_line_engine_errors(server, tmp_path):
     with pytest.raises(ClientError) as info:
-        client_generate(server.target, "nope", "x", out=io.StringIO())
+        client_generate(Connection(server.target), "nope", "x", out=io.StringIO())
     assert info.value.code == grpc.StatusCode.NOT_FOUND
     assert str(info.value).startswith("NOT_FOUND: model 'nope' is not served")
     assert isinstance(info.value, EngineError)
     with pytest.raises(EngineError, match="auth token file"):
-        client_models(server.target, token_file=tmp_path / "missing", out=io.StringIO())
+        client_models(Connection(server.target, token_file=tmp_path / "missing"), out=io.StringIO())
 
 
 def test_stopping_a_stream_early_cancels_the_generation():
