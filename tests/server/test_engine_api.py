@@ -285,6 +285,11 @@ def test_every_request_is_logged_as_json_with_its_request_id(server, engine_stub
         _error(
             engine_stub.Generate, pb.GenerateRequest(model="nope", prompt="x", request_id="log-2")
         )
+        # A call's line is written as its handler exits, which can be just after the client
+        # has its status: wait for it rather than race the server's thread.
+        deadline = time.monotonic() + 5
+        while '"log-2"' not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         logs.configure("WARNING")
     entries = [json.loads(line) for line in stream.getvalue().splitlines()]
