@@ -207,6 +207,10 @@ def serve_cmd(
         bool,
         typer.Option("--no-dynamic-batching", help="Classifier/GAN: one request per call."),
     ] = False,
+    max_queue_delay_ms: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="Classifier/GAN: how long a request may wait for a batch [0]."),
+    ] = None,
     max_num_seqs: Annotated[
         int, typer.Option(min=1, help="LM: sequences decoded together (one KV slot each).")
     ] = 16,
@@ -237,6 +241,7 @@ def serve_cmd(
         threads=threads,
         spin=spin,
         dynamic_batching=not no_dynamic_batching,
+        max_queue_delay_ms=max_queue_delay_ms,
         max_num_seqs=max_num_seqs,
         kv_cache_bytes=kv_cache_bytes,
         grace=grace,

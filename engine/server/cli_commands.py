@@ -40,6 +40,7 @@ def serve(
     threads: int | None = None,
     spin: bool = True,
     dynamic_batching: bool = True,
+    max_queue_delay_ms: float | None = None,
     max_num_seqs: int = 16,
     kv_cache_bytes: int | None = None,
     grace: float = 30.0,
@@ -79,8 +80,12 @@ def serve(
             max_message_bytes=int(max_message_mb * (1 << 20)),
         ),
     )
-    # BatcherConfig() is the runtime's default; size 1 dispatches each request at once
-    batcher = None if dynamic_batching else BatcherConfig(max_batch_size=1, max_queue_delay_ms=0)
+    # None: the runtime's BatcherConfig(); size 1 dispatches each request at once
+    batcher = None
+    if not dynamic_batching:
+        batcher = BatcherConfig(max_batch_size=1, max_queue_delay_ms=0)
+    elif max_queue_delay_ms is not None:
+        batcher = BatcherConfig(max_queue_delay_ms=max_queue_delay_ms)
     logs.configure(log_level)
 
     async def main() -> None:

@@ -136,7 +136,10 @@ def test_bad_input_is_a_message_not_a_traceback(lm_repo, tmp_path):
 
 def test_dynamic_batching_on_and_off_for_an_image_model(gan_repo, tmp_path):
     args = ["bench", "run", "--repo", str(gan_repo), "--concurrency", "8", "--num-prompts", "32"]
-    result = run_cli(*args, "--baselines", "grpc", "--out", str(tmp_path), "--no-progress")
+    # a queue delay makes batches form whatever the timing (with none they form only when
+    # requests arrive while a batch runs, which a tiny GAN on a busy machine may never see)
+    delay = "--serve-arg=--max-queue-delay-ms=20"
+    result = run_cli(*args, "--baselines", "grpc", delay, "--out", str(tmp_path), "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     runs = {r["batching"]: r for r in report["runs"]}

@@ -41,8 +41,14 @@ def test_flags_set_the_kv_budget_sequences_spinning_and_batching(monkeypatch, tm
         "--kv-cache-bytes", "1048576",
         "--no-spin",
         "--no-dynamic-batching",
+        "--max-queue-delay-ms", "5",
         "--threads", "1",
     )  # fmt: skip
     assert seen["config"].max_num_seqs == 32 and seen["config"].kv_cache_bytes == 1 << 20
     assert seen["spin"] is False and seen["threads"] == 1
     assert seen["batcher"].max_batch_size == 1
+
+
+def test_a_queue_delay_reaches_the_dynamic_batcher(monkeypatch, tmp_path):
+    seen = _serve_with(monkeypatch, tmp_path, "--max-queue-delay-ms", "2.5")
+    assert seen["batcher"].max_queue_delay_ms == 2.5 and seen["batcher"].max_batch_size == 32
