@@ -10,7 +10,6 @@ attention mask with ``np.concatenate``. Prompts are left-padded into one batch.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,11 +77,11 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from exporters.repository import version_dir
+    from engine.repository import read_manifest, version_dir
 
     path = version_dir(Path(args.repo), args.model)
-    manifest = json.loads((path / "manifest.json").read_text())
-    session = load_session(path / manifest["graphs"]["default"]["file"], args.threads)
+    manifest = read_manifest(path)
+    session = load_session(path / manifest.graph("default")["file"], args.threads)
     rng = np.random.default_rng(0)
     prompts = rng.integers(4, 1000, (args.batch, args.prompt_len)).tolist()
     greedy(session, prompts, 4)  # warm-up

@@ -29,6 +29,7 @@ from bench.prompts import (
 from bench.server_metrics import MetricsWatcher
 from bench.server_process import ServeOptions, ServerProcess
 from engine.errors import EngineError
+from engine.repository import Manifest
 
 MIN_PROMPTS = 16  # per run: enough requests that the first and last waves do not dominate
 PROMPTS_PER_SLOT = 4  # ... and four waves at each concurrency
@@ -104,7 +105,7 @@ class Model:
     name: str
     version: int
     task: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     path: Path
 
 
@@ -120,7 +121,7 @@ def open_model(repo: Path, name: str | None) -> Model:
 
 def make_prompts(config: BenchConfig, model: Model, count: int) -> tuple[PromptSet, Any]:
     """``count`` prompts for ``model`` and the tokenizer that made them (None for digits)."""
-    serving = model.manifest.get("serving", {})
+    serving = model.manifest.serving
     if model.task == "sample_images":
         return digit_prompts(int(serving.get("num_classes", 10)), count, config.seed), None
     if model.task == "generate":
@@ -131,7 +132,7 @@ def make_prompts(config: BenchConfig, model: Model, count: int) -> tuple[PromptS
                 f"{model.name}'s context of {context} tokens"
             )
     tokenizer = load_tokenizer(model.path, serving)
-    trained = (model.manifest.get("checkpoint") or {}).get("config", {})
+    trained = model.manifest.checkpoint.get("config", {})
     fraction = float(trained.get("heldout_fraction", HELDOUT_FRACTION))
     prompts = text_prompts(tokenizer, config.input_len, count, config.seed, fraction)
     return prompts, tokenizer
@@ -171,7 +172,7 @@ def check_target(target: str, model: Model) -> dict[str, Any]:
     def hashes(manifest: dict[str, Any]) -> dict[str, str]:
         return {f["path"]: f.get("sha256", "") for f in manifest.get("files", [])}
 
-    return {"target": target, "same_weights": hashes(remote) == hashes(model.manifest)}
+    return {"target": target, "same_weights": hashes(remote) == hashes(model.manifest.to_dict())}
 
 
 class NullProgress:
@@ -287,7 +288,7 @@ class Bench:
         return {"reference": name, "identical": same, "compared": len(common)}
 
     def _context(self) -> BaselineContext:
-        checkpoint = (self.model.manifest.get("checkpoint") or {}).get("path")
+        checkpoint = self.model.manifest.checkpoint.get("path")
         return BaselineContext(
             repo=self.model.repo,
             model=self.model.name,

@@ -33,12 +33,13 @@ from bare_loop import greedy, load_session  # noqa: E402
 def build_repo(repo: Path, model: str, context: int) -> None:
     """Train one step of the default decoder-lm with a longer context and export it."""
     from engine.trainer import train
+    from exporters.base import ExportOptions
     from exporters.onnx_format import OnnxFormat
 
     ckpt = repo.parent / f"{model}-ckpt"
     overrides = {"block_size": context, "eval_windows": 8}
     train("decoder-lm", ckpt, steps=1, overrides=overrides, progress=False)
-    OnnxFormat().export(ckpt, repo, name=model, progress=False, force=True)
+    OnnxFormat().export(ckpt, repo, ExportOptions(name=model, progress=False, force=True))
 
 
 def bare_run(session, prompts: list[list[int]], new: int) -> tuple[float, float, np.ndarray]:
@@ -103,14 +104,14 @@ def main() -> None:
     if args.build:
         build_repo(args.repo, args.model, context=192)
 
+    from engine.repository import read_manifest, version_dir
     from engine.runtime import EngineConfig, LLMEngine
-    from exporters.repository import version_dir
 
     spin = not args.no_spin
     path = version_dir(args.repo, args.model)
-    manifest = json.loads((path / "manifest.json").read_text())
-    serving = manifest["serving"]
-    session = load_session(path / manifest["graphs"]["default"]["file"], args.threads, spin)
+    manifest = read_manifest(path)
+    serving = manifest.serving
+    session = load_session(path / manifest.graph("default")["file"], args.threads, spin)
     config = EngineConfig(max_num_seqs=max(args.batches), max_model_len=args.prompt_len + args.new)
     engine = LLMEngine.from_repository(
         args.repo, args.model, threads=args.threads, config=config, spin=spin

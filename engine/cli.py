@@ -164,13 +164,12 @@ def export_cmd(
 ) -> None:
     """Export a checkpoint into a versioned model repository, validated against PyTorch."""
     from engine.plugins import export_formats
+    from exporters.base import ExportOptions
 
     formats = export_formats()
     if format not in formats:
         raise EngineError(f"unknown format {format!r}; known: {', '.join(sorted(formats))}")
-    version_dir = formats[format].export(
-        Path(checkpoint_dir),
-        Path(repo),
+    options = ExportOptions(
         name=name,
         fp16=fp16,
         opset=opset,
@@ -180,6 +179,7 @@ def export_cmd(
         validate=validate,
         progress=progress,
     )
+    version_dir = formats[format].export(Path(checkpoint_dir), Path(repo), options)
     console.print(f"exported: {version_dir}")
 
 

@@ -7,7 +7,9 @@ task-level check (greedy tokens, predicted labels, pixels), but fail instead of 
 
 from __future__ import annotations
 
+import shutil
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import EngineError
@@ -41,6 +43,10 @@ class GreedyMismatch(ValidationError):
     """Greedy decoding through the graph and its KV cache picked different tokens than PyTorch."""
 
 
+class UnknownTask(ValidationError):
+    """The architecture's task has no task-level check, so its graphs cannot be validated."""
+
+
 class AgreementTooLow(ValidationError):
     """Top-1 agreement with PyTorch (tokens or labels) is below the required fraction."""
 
@@ -61,20 +67,33 @@ class TensorRTBuildFailed(ExportError):
     """TensorRT could not parse the ONNX graph or build an engine from it."""
 
 
-class RepositoryError(EngineError):
-    """A model repository is missing, malformed, or holds no such model or version."""
+def copy_artifact(src: Path, dest_dir: Path) -> None:
+    """Copy a file or directory the architecture needs at serving time (e.g. its tokenizer)."""
+    target = Path(dest_dir) / src.name
+    if not src.exists():
+        raise ExportError(
+            f"the checkpoint lacks {src}, which serving needs; re-train or restore it"
+        )
+    if target.exists():
+        raise ExportError(f"artifact {src.name} would overwrite an exported file of that name")
+    if src.is_dir():
+        shutil.copytree(src, target)
+    else:
+        shutil.copy2(src, target)
 
 
-class VersionExists(RepositoryError):
-    """The version directory to write already exists (another export got there first)."""
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``engine export`` was asked for: one value every format takes (the CLI's flags)."""
 
-
-class ManifestError(RepositoryError):
-    """A version's ``manifest.json`` is missing or cannot be read."""
-
-
-class ChecksumMismatch(RepositoryError):
-    """A file in a version directory is missing or its sha256 differs from the manifest."""
+    name: str | None = None  # model name in the repository; None: the architecture's name
+    fp16: bool = False  # half-precision weights (GPUs; slower on CPU)
+    opset: int | None = None  # None: exporters.onnx_graph.DEFAULT_OPSET
+    max_batch: int = 16  # largest batch a TensorRT profile covers
+    max_seq: int | None = None  # None: the model's context length
+    force: bool = False  # rebuild the latest version instead of adding one
+    validate: bool = True  # check the export against PyTorch before it lands
+    progress: bool = True  # a progress line per stage
 
 
 class ExportFormat(ABC):
@@ -84,21 +103,9 @@ class ExportFormat(ABC):
     description: str = ""
 
     @abstractmethod
-    def export(
-        self,
-        ckpt_dir: Path,
-        repo: Path,
-        name: str | None = None,
-        fp16: bool = False,
-        opset: int | None = None,
-        max_batch: int = 16,
-        max_seq: int | None = None,
-        force: bool = False,
-        validate: bool = True,
-        progress: bool = True,
-    ) -> Path:
-        """Export ``ckpt_dir`` as a new version of ``repo/name`` and return the version directory.
+    def export(self, ckpt_dir: Path, repo: Path, options: ExportOptions) -> Path:
+        """Export ``ckpt_dir`` as a new version of ``repo/<options.name>``; return its directory.
 
-        ``name`` defaults to the architecture's name. ``force`` overwrites the latest version
-        instead of adding one. Nothing is left in ``repo`` when the export fails.
+        ``options.force`` overwrites the latest version instead of adding one. Nothing is left
+        in ``repo`` when the export fails.
         """

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
 from engine.errors import EngineError
-from exporters.base import ExportError
+from engine.repository import Manifest, staged_version, write_manifest
+from exporters.base import ExportError, ExportOptions, copy_artifact
 from exporters.onnx_graph import DEFAULT_OPSET, graph_io, optimize, to_fp16, trace
 from exporters.progress import Stages
 from exporters.provenance import (
@@ -24,7 +25,6 @@ from exporters.provenance import (
     library_versions,
     manifest_header,
 )
-from exporters.repository import copy_artifact, staged_version, write_manifest
 
 MAIN_FILE = "model.onnx"
 # Example sizes for tracing: distinct and >= 2 so torch.export keeps every axis symbolic.
@@ -34,19 +34,6 @@ FP16_NOTE = (
     "onnxruntime runs it no faster and often slower than fp32: it has few fp16 kernels and "
     "casts around the rest."
 )
-
-
-@dataclass
-class ExportOptions:
-    """What ``engine export`` was asked for (the CLI flags)."""
-
-    fp16: bool = False
-    opset: int | None = None
-    max_batch: int = 16
-    max_seq: int | None = None
-    force: bool = False
-    validate: bool = True
-    progress: bool = True
 
 
 class PostBuild(Protocol):
@@ -74,7 +61,6 @@ class PostBuild(Protocol):
 def export_checkpoint(
     ckpt_dir: Path,
     repo: Path,
-    name: str | None,
     options: ExportOptions,
     fmt: str = "onnx",
     post: PostBuild | None = None,
@@ -92,7 +78,7 @@ def export_checkpoint(
             model,
             Path(ckpt_dir),
             Path(repo),
-            name or arch.name,
+            options.name or arch.name,
             options,
             fmt=fmt,
             post=post,
@@ -213,20 +199,22 @@ def _export(
             )
         with stages.stage("write"):
             libraries = library_versions(*(["tensorrt"] if post is not None else []))
-            manifest = {
+            manifest = Manifest(
                 **manifest_header(name, version, fmt, arch, plugin, checkpoint, libraries),
-                "opset": opset,
-                "precision": "fp16" if options.fp16 else "fp32",
-                "precision_note": FP16_NOTE if options.fp16 else None,
-                "export_options": asdict(options),
-                "max_seq": max_seq,
-                "main_graph": next(iter(graphs)),
-                "graphs": graphs,
-                "serving": serving,
-                "validation": validation,
-                **built,
-                "timings_s": dict(stages.seconds),
-            }
+                precision="fp16" if options.fp16 else "fp32",
+                export_options=asdict(options),
+                max_seq=max_seq,
+                main_graph=next(iter(graphs)),
+                graphs=graphs,
+                serving=serving,
+                validation=validation,
+                sections={
+                    "opset": opset,
+                    "precision_note": FP16_NOTE if options.fp16 else None,
+                    **built,
+                    "timings_s": dict(stages.seconds),
+                },
+            )
             write_manifest(tmp, manifest)
     if post is not None:
         post.commit()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine import hookimpl
-from exporters.base import ExportFormat
+from exporters.base import ExportFormat, ExportOptions
 
 
 class OnnxFormat(ExportFormat):
@@ -17,32 +17,11 @@ class OnnxFormat(ExportFormat):
     name = "onnx"
     description = "ONNX graphs validated against PyTorch (onnxruntime CPU/CUDA)"
 
-    def export(
-        self,
-        ckpt_dir: Path,
-        repo: Path,
-        name: str | None = None,
-        fp16: bool = False,
-        opset: int | None = None,
-        max_batch: int = 16,
-        max_seq: int | None = None,
-        force: bool = False,
-        validate: bool = True,
-        progress: bool = True,
-    ) -> Path:
-        """Export ``ckpt_dir`` as ONNX into a new version of ``repo/name``; return its directory."""
-        from exporters.onnx_export import ExportOptions, export_checkpoint
+    def export(self, ckpt_dir: Path, repo: Path, options: ExportOptions) -> Path:
+        """Export ``ckpt_dir`` as ONNX into a new version of ``repo``; return its directory."""
+        from exporters.onnx_export import export_checkpoint
 
-        options = ExportOptions(
-            fp16=fp16,
-            opset=opset,
-            max_batch=max_batch,
-            max_seq=max_seq,
-            force=force,
-            validate=validate,
-            progress=progress,
-        )
-        return export_checkpoint(Path(ckpt_dir), Path(repo), name, options, fmt=self.name)
+        return export_checkpoint(Path(ckpt_dir), Path(repo), options, fmt=self.name)
 
 
 @hookimpl

@@ -278,7 +278,7 @@ class EngineBuilder:
         model_dir: Path,
     ) -> dict[str, Any]:
         """Build engines into ``version_tmp``; the timing cache is saved by :meth:`commit`."""
-        from exporters.repository import TIMING_CACHE
+        from engine.repository import TIMING_CACHE
 
         cache_path = model_dir / TIMING_CACHE
         cache = cache_path.read_bytes() if cache_path.exists() else b""

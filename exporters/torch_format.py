@@ -13,11 +13,12 @@ Importing this module imports no torch; ``export`` loads it when it runs.
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from engine import hookimpl
-from exporters.base import ExportError, ExportFormat, ValuesMismatch
+from exporters.base import ExportError, ExportFormat, ExportOptions, ValuesMismatch
 
 FORMAT = "torch"
 WEIGHTS = "model.safetensors"
@@ -31,20 +32,8 @@ class TorchFormat(ExportFormat):
     name = FORMAT
     description = "safetensors weights for the torch runtime (GPU hosts; CUDA graphs)"
 
-    def export(
-        self,
-        ckpt_dir: Path,
-        repo: Path,
-        name: str | None = None,
-        fp16: bool = False,
-        opset: int | None = None,
-        max_batch: int = 16,
-        max_seq: int | None = None,
-        force: bool = False,
-        validate: bool = True,
-        progress: bool = True,
-    ) -> Path:
-        """Write the weights of ``ckpt_dir`` as a new version of ``repo/name``; return its dir.
+    def export(self, ckpt_dir: Path, repo: Path, options: ExportOptions) -> Path:
+        """Write the weights of ``ckpt_dir`` as a new version of ``repo``; return its directory.
 
         ``fp16`` stores half-precision weights (half the file); ``opset`` and ``max_batch``
         concern graphs and are ignored. ``validate`` reloads the written weights and checks
@@ -53,7 +42,7 @@ class TorchFormat(ExportFormat):
         from engine import checkpoint
         from exporters.progress import Stages
 
-        with Stages(progress) as stages:
+        with Stages(options.progress) as stages:
             with stages.stage("load checkpoint"):
                 arch, config, model = checkpoint.load(Path(ckpt_dir))
             _check_servable(arch, model)
@@ -62,12 +51,9 @@ class TorchFormat(ExportFormat):
                 config,
                 model,
                 Path(ckpt_dir),
-                Path(repo) / (name or arch.name),
+                Path(repo) / (options.name or arch.name),
                 stages,
-                fp16=fp16,
-                max_seq=max_seq,
-                force=force,
-                validate=validate,
+                options,
             )
 
 
@@ -92,55 +78,55 @@ def _write_version(
     ckpt_dir: Path,
     model_dir: Path,
     stages: Any,
-    *,
-    fp16: bool,
-    max_seq: int | None,
-    force: bool,
-    validate: bool,
+    options: ExportOptions,
 ) -> Path:
     import torch
     from safetensors.torch import save_model
 
+    from engine.repository import Manifest, staged_version, write_manifest
+    from exporters.base import copy_artifact
     from exporters.provenance import (
         checkpoint_info,
         context_length,
         library_versions,
         manifest_header,
     )
-    from exporters.repository import copy_artifact, staged_version, write_manifest
 
     serving = arch.serving_metadata(config, ckpt_dir)
     plugin, source = checkpoint_info(ckpt_dir, arch.name)
     name = model_dir.name
-    with staged_version(model_dir.parent, name, force) as (tmp, version):
+    with staged_version(model_dir.parent, name, options.force) as (tmp, version):
         for src in arch.artifact_files(ckpt_dir):  # first: a missing tokenizer fails fast
             copy_artifact(Path(src), tmp)
         with stages.stage("write weights"):
-            if fp16:
+            if options.fp16:
                 model.to(torch.float16)
             save_model(model, str(tmp / WEIGHTS))  # de-duplicates tied weights
             shutil.copy2(ckpt_dir / CONFIG, tmp / CONFIG)
         validation: dict[str, Any] = {"validated": False, "reason": "skipped with --no-validate"}
-        if validate:
+        if options.validate:
             with stages.stage("validate"):
                 validation = _reload_matches(tmp, model)
         with stages.stage("write"):
-            manifest = {
+            manifest = Manifest(
                 **manifest_header(
                     name, version, FORMAT, arch, plugin, source, library_versions("safetensors")
                 ),
-                "precision": "fp16" if fp16 else "fp32",
-                "max_seq": max_seq or context_length(serving),
-                "weights": {
-                    "file": WEIGHTS,
-                    "config": CONFIG,
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                    "decode": STATIC_DECODE,
+                precision="fp16" if options.fp16 else "fp32",
+                export_options=asdict(options),
+                max_seq=options.max_seq or context_length(serving),
+                serving=serving,
+                validation=validation,
+                sections={
+                    "weights": {
+                        "file": WEIGHTS,
+                        "config": CONFIG,
+                        "parameters": sum(p.numel() for p in model.parameters()),
+                        "decode": STATIC_DECODE,
+                    },
+                    "timings_s": dict(stages.seconds),
                 },
-                "serving": serving,
-                "validation": validation,
-                "timings_s": dict(stages.seconds),
-            }
+            )
             write_manifest(tmp, manifest)
     return model_dir / str(version)
 

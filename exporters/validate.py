@@ -25,6 +25,7 @@ from exporters.base import (
     OutputNamesMismatch,
     PixelErrorTooLarge,
     ShapeMismatch,
+    UnknownTask,
     ValuesMismatch,
 )
 from exporters.greedy import GreedyDecoder, Runner
@@ -187,7 +188,7 @@ def check_generate(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: 
     pad_id = int(serving.get("pad_token_id", 0))
     prompts = _prompts(serving, ckpt_dir, vocab, min(24, ctx - max_new))
     report: dict[str, Any] = {"prompts": len(prompts), "new_tokens": max_new, "graphs": {}}
-    reference = None
+    reference, main = None, ""
     for variant, g in graphs.items():
         example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
         decoder = GreedyDecoder(g["signature"], {k: v.shape for k, v in example.items()})
@@ -200,8 +201,15 @@ def check_generate(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: 
             "token_agreement": float((tokens == ref_tokens).mean()),
         }
         if reference is None:
-            reference = ref_tokens
-        entry["torch_matches_main_graph_torch"] = bool((ref_tokens == reference).all())
+            main, reference = variant, ref_tokens
+        same_as_main = (ref_tokens == reference).all(axis=1)
+        entry["torch_matches_main_graph_torch"] = bool(same_as_main.all())
+        if not same_as_main.all():  # the runtime serves this graph: it must be the same model
+            raise GreedyMismatch(
+                f"graph {variant!r}: PyTorch through its wrapper picks other greedy tokens than "
+                f"through graph {main!r} on {int((~same_as_main).sum())} of {len(prompts)} "
+                "prompts, so the two graphs would not serve the same model"
+            )
         if not fp16 and not same_rows.all():
             row = int(np.argmin(same_rows))
             step = int(np.argmax(tokens[row] != ref_tokens[row]))
@@ -344,7 +352,11 @@ def validate_export(
             report["graphs"][variant] = {"names": "ok", "shapes": "ok", "values": values}
             graphs[variant] = g
     check = TASK_CHECKS.get(arch.task)
-    if check is not None:
-        with stages.stage(f"validate {arch.task}"):
-            report["task"] = {"task": arch.task, **check(arch, config, ckpt_dir, graphs, fp16)}
+    if check is None:  # a graph nobody checked end to end must not land as "validated"
+        raise UnknownTask(
+            f"{arch.name} declares task {arch.task!r}, which has no task-level check (known: "
+            f"{', '.join(TASK_CHECKS)}); export with --no-validate to skip validation"
+        )
+    with stages.stage(f"validate {arch.task}"):
+        report["task"] = {"task": arch.task, **check(arch, config, ckpt_dir, graphs, fp16)}
     return report

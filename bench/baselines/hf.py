@@ -40,11 +40,11 @@ def find_weights(repo: Path | None, model: str | None, checkpoint: Path | None =
     checked against its manifest; it comes first because the checkpoint a manifest names may
     since have been retrained or moved.
     """
-    from exporters.repository import read_manifest, verify_files, versions
+    from engine.repository import read_manifest, verify_files, versions
 
     for version in reversed(versions(Path(repo), model) if repo and model else []):
         path = Path(repo) / model / str(version)
-        if read_manifest(path).get("format") == "torch":
+        if read_manifest(path).format == "torch":
             verify_files(path)
             return path
     if checkpoint is not None and Path(checkpoint).is_dir():

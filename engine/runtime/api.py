@@ -48,5 +48,5 @@ class Engine:
         engines: dict[str, Any] = {"classify": ClassifierEngine, "sample_images": ImageEngine}
         if mv.task not in engines:
             raise ModelSignatureError(f"model {mv.name!r} has task {mv.task!r}: nothing serves it")
-        graph = mv.load(mv.manifest.get("main_graph", "default"), options, backend)
+        graph = mv.load(mv.manifest.main_graph or "default", options, backend)
         return engines[mv.task](mv, graph, batcher)

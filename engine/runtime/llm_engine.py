@@ -419,7 +419,7 @@ class LLMEngine:
 
 def _serves_with_torch(mv: ModelVersion, backend: str | None) -> bool:
     """True for a ``torch``-format version; a backend that cannot load the format is an error."""
-    fmt = mv.manifest.get("format")
+    fmt = mv.manifest.format
     if fmt == TORCH_FORMAT:
         if backend not in (None, TORCH_FORMAT):
             raise BackendUnavailableError(

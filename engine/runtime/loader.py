@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.repository import Manifest, RepositoryError, list_models, verify_files, version_dir
 from engine.runtime.backends import (
     Backend,
     BackendOptions,
@@ -20,7 +21,7 @@ class ModelVersion:
     """One verified version directory and its manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     name: str = ""
     version: int = 0
     backends: list[Backend] = field(default_factory=list)  # loaded graphs, closed together
@@ -28,22 +29,19 @@ class ModelVersion:
     @property
     def task(self) -> str:
         """``generate``, ``classify`` or ``sample_images``."""
-        return self.manifest["task"]
+        return self.manifest.task
 
     @property
     def serving(self) -> dict[str, Any]:
         """The architecture's serving metadata (context length, labels, latent size...)."""
-        return self.manifest.get("serving", {})
+        return self.manifest.serving
 
     def graph(self, variant: str) -> dict[str, Any]:
         """The manifest entry of one exported graph; a clear error if it was not exported."""
-        graphs = self.manifest.get("graphs", {})
-        if variant not in graphs:
-            raise ModelSignatureError(
-                f"{self.path} has no {variant!r} graph (it has {', '.join(graphs) or 'none'}); "
-                "re-export the checkpoint with a current exporter"
-            )
-        return graphs[variant]
+        try:
+            return self.manifest.graph(variant)
+        except RepositoryError as exc:
+            raise ModelSignatureError(f"{self.path}: {exc}") from None
 
     def load(self, variant: str, options: BackendOptions, backend: str | None = None) -> Backend:
         """Load ``variant``'s graph with ``backend`` (default: by device); close() frees it."""
@@ -67,7 +65,7 @@ class ModelVersion:
         return loaded
 
     def _plan_file(self, variant: str) -> str | None:
-        engines = (self.manifest.get("tensorrt") or {}).get("engines", {})
+        engines = (self.manifest.sections.get("tensorrt") or {}).get("engines", {})
         return engines.get(variant, {}).get("file")
 
     def close(self) -> None:
@@ -86,8 +84,6 @@ def open_version(
     repository's errors (unknown model or version, a file missing or altered), all
     :class:`~engine.errors.EngineError`s with a message that says what to do.
     """
-    from exporters.repository import list_models, verify_files, version_dir
-
     if model is None:
         models = list(list_models(Path(repo)))
         if len(models) != 1:

@@ -123,7 +123,9 @@ class EngineService(engine_pb2_grpc.EngineServiceServicer):
             card = self.serving.model(call, request.model, request.version).card
             return pb.ModelInfoResponse(
                 model=summary(card),
-                manifest_json=json.dumps(card.manifest, sort_keys=True),
+                manifest_json=json.dumps(
+                    card.manifest.to_dict() if card.manifest else {}, sort_keys=True
+                ),
                 context_length=card.context_length,
                 vocab_size=card.vocab_size,
                 labels=card.labels,

@@ -24,12 +24,12 @@ def _card(engine: Any, **extra: Any) -> ModelCard:
     mv = engine.model
     manifest = mv.manifest
     platforms = {"tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}  # Triton's names
-    platform = platforms.get(manifest.get("format"), "onnxruntime_onnx")
+    platform = platforms.get(manifest.format, "onnxruntime_onnx")
     return ModelCard(
         name=mv.name,
         version=mv.version,
         task=mv.task,
-        architecture=str(manifest.get("architecture", "")),
+        architecture=manifest.architecture,
         platform=platform,
         manifest=manifest,
         **extra,
@@ -166,8 +166,8 @@ async def load_models(
     a slow load does not block the event loop. ``engine_kwargs`` go to
     ``Engine.from_repository`` (backend, threads, config, batcher).
     """
+    from engine.repository import list_models
     from engine.runtime import Engine
-    from exporters.repository import list_models
 
     available = list_models(repo)
     if not available:

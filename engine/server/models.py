@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from engine.repository import Manifest
 from engine.server.errors import invalid, not_found
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -27,7 +28,7 @@ class ModelCard:
     task: str  # generate, classify or sample_images
     architecture: str = ""
     platform: str = "onnxruntime_onnx"  # KServe/Triton platform name
-    manifest: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    manifest: Manifest | None = field(default=None, hash=False, compare=False)
     context_length: int = 0  # generate: prompt plus output tokens
     vocab_size: int = 0  # generate
     labels: tuple[str, ...] = ()  # classify, in probability order

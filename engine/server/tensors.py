@@ -105,7 +105,10 @@ def decode_inputs(request: Any) -> dict[str, tuple[str, np.ndarray]]:
             array = _from_raw(raw[i], datatype, count, name)
         else:
             array = _from_contents(tensor, datatype, count, name)
-        out[name] = (datatype, array.reshape(shape))
+        try:
+            out[name] = (datatype, array.reshape(shape))
+        except ValueError:  # e.g. [0, 2**40, 2**40]: no elements, but too big for numpy
+            raise invalid(f"input {name!r}: shape {shape} is too large to represent") from None
     return out
 
 

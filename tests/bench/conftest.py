@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from exporters.base import ExportOptions
 from tests.runtime.conftest import MODEL as LM_MODEL  # noqa: F401 - re-exported for tests
 from tests.runtime.conftest import lm_repo  # noqa: F401 - the session fixture, shared
 
@@ -45,7 +46,7 @@ def gan_repo(tmp_path_factory) -> Path:
         work = tmp_path_factory.mktemp("gan-build")
         ckpt = train("gan-generator", work / "ckpt", overrides=GAN, progress=False)
         export_formats()["onnx"].export(
-            ckpt, work / "repo", name=GAN_MODEL, validate=False, progress=False
+            ckpt, work / "repo", ExportOptions(name=GAN_MODEL, validate=False, progress=False)
         )
         if cached.exists():
             shutil.rmtree(cached)

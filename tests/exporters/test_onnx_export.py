@@ -10,16 +10,18 @@ import pytest
 
 from engine import checkpoint
 from engine.plugins import export_formats
+from engine.repository import read_manifest, verify_files, versions
 from exporters import validate as validate_mod
 from exporters.base import (
     ExportError,
+    ExportOptions,
     OutputNamesMismatch,
     ShapeMismatch,
     TraceFailed,
+    UnknownTask,
     ValuesMismatch,
 )
 from exporters.onnx_graph import EXPORTER_ENV
-from exporters.repository import read_manifest, verify_files, versions
 from exporters.validate import validate_export
 from tests.conftest import run_cli
 from tests.exporters.tiny_arch import NAME
@@ -32,13 +34,13 @@ def fast_exporter(monkeypatch):
 
 
 def _export(ckpt, repo, **kwargs):
-    return export_formats()["onnx"].export(ckpt, repo, progress=False, **kwargs)
+    return export_formats()["onnx"].export(ckpt, repo, ExportOptions(progress=False, **kwargs))
 
 
 def test_export_writes_a_complete_version(tiny_ckpt, tmp_path):
     vdir = _export(tiny_ckpt, tmp_path / "repo")  # the default path: dynamo first
     assert vdir == tmp_path / "repo" / NAME / "1"
-    manifest = verify_files(vdir)
+    manifest = verify_files(vdir).to_dict()
     assert manifest["architecture"] == NAME and manifest["task"] == "classify"
     assert manifest["format"] == "onnx" and manifest["precision"] == "fp32"
     assert manifest["plugin"]["name"] == "tests.exporters.tiny_arch"
@@ -66,14 +68,14 @@ def test_versions_count_up_and_force_replaces_the_latest(tiny_ckpt, tmp_path, fa
     assert _export(tiny_ckpt, repo, name="m").name == "1"
     second = _export(tiny_ckpt, repo, name="m", validate=False)
     assert second.name == "2" and versions(repo, "m") == [1, 2]
-    assert read_manifest(second)["validation"] == {
+    assert read_manifest(second).validation == {
         "validated": False,
         "reason": "skipped with --no-validate",
     }
     (second / "stray.txt").write_text("from before --force")
     forced = _export(tiny_ckpt, repo, name="m", force=True)
     assert forced == second and versions(repo, "m") == [1, 2]
-    assert not (second / "stray.txt").exists() and read_manifest(second)["validation"]["validated"]
+    assert not (second / "stray.txt").exists() and read_manifest(second).validation["validated"]
 
 
 def test_an_interrupted_export_leaves_nothing(tiny_ckpt, tmp_path, fast_exporter, monkeypatch):
@@ -182,6 +184,13 @@ def test_corrupted_weights_fail_the_values_step(exported, tmp_path):
         validate_export(arch, config, model, vdir, _corrupt(vdir, tmp_path, perturb), fp16=False)
 
 
+def test_an_unknown_task_fails_validation_instead_of_skipping_it(exported, monkeypatch):
+    vdir, arch, config, model = exported
+    monkeypatch.setattr(arch, "task", "translate")
+    with pytest.raises(UnknownTask, match="task 'translate', which has no task-level check"):
+        validate_export(arch, config, model, vdir, {"default": vdir / "model.onnx"}, fp16=False)
+
+
 def test_a_wrong_fp16_tolerance_fails_the_values_step(train_tiny, tmp_path, fast_exporter):
     ckpt = train_tiny(fp16_atol=1e-7, fp16_rtol=0.0)
     with pytest.raises(ValuesMismatch, match="atol=1e-07"):
@@ -191,7 +200,8 @@ def test_a_wrong_fp16_tolerance_fails_the_values_step(train_tiny, tmp_path, fast
 
 def test_missing_artifact_fails_before_tracing(exported, tmp_path, monkeypatch):
     vdir, arch, config, model = exported
-    from exporters.onnx_export import ExportOptions, export_model
+    from exporters.base import ExportOptions
+    from exporters.onnx_export import export_model
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

@@ -8,10 +8,16 @@ import torch
 
 from engine import checkpoint
 from engine.plugins import architectures, export_formats
-from exporters.base import AgreementTooLow, GreedyMismatch, LabelMismatch, PixelErrorTooLarge
+from engine.repository import verify_files
+from exporters.base import (
+    AgreementTooLow,
+    ExportOptions,
+    GreedyMismatch,
+    LabelMismatch,
+    PixelErrorTooLarge,
+)
 from exporters.greedy import GreedyDecoder, UnknownGraphLayout
 from exporters.onnx_graph import EXPORTER_ENV
-from exporters.repository import verify_files
 from exporters.validate import (
     check_classify,
     check_generate,
@@ -68,7 +74,9 @@ def exports(checkpoints, tmp_path_factory):
                 if fp16:
                     mp.setenv(EXPORTER_ENV, "torchscript")
                 fmt = export_formats()["onnx"]
-                done[name, fp16] = fmt.export(checkpoints(name), repo, fp16=fp16, progress=False)
+                done[name, fp16] = fmt.export(
+                    checkpoints(name), repo, ExportOptions(fp16=fp16, progress=False)
+                )
         return done[name, fp16]
 
     return get
@@ -78,7 +86,7 @@ def exports(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_round_trip(exports, name, fp16):
     vdir = exports(name, fp16)
-    manifest = verify_files(vdir)
+    manifest = verify_files(vdir).to_dict()
     arch, config, _ = checkpoint.load(manifest["checkpoint"]["path"])
     assert manifest["architecture"] == name and manifest["task"] == arch.task
     assert manifest["precision"] == ("fp16" if fp16 else "fp32")
@@ -147,6 +155,37 @@ def test_one_wrong_decode_step_fails_the_greedy_check(lm):
     graph = {**graphs["kv_inplace"], "onnx": wrong_on_step_20}
     with pytest.raises(GreedyMismatch, match="'kv_inplace'.*1 of .* prompts; prompt 2 first"):
         check_generate(arch, config, ckpt, {"kv_inplace": graph}, fp16=False)
+
+
+def test_a_kv_inplace_graph_that_is_another_model_fails_even_if_self_consistent(lm):
+    arch, config, ckpt, graphs = lm
+
+    def swap_top_two(run):
+        def run_swapped(feeds):  # the same wrong model in both ONNX and its torch wrapper
+            out = run(feeds)
+            logits = out["logits"]
+            top2 = np.argsort(logits, axis=-1)[..., -2:]
+            best = np.take_along_axis(logits, top2[..., 1:], -1)
+            np.put_along_axis(
+                logits, top2[..., 1:], np.take_along_axis(logits, top2[..., :1], -1), -1
+            )
+            np.put_along_axis(logits, top2[..., :1], best, -1)
+            return out
+
+        return run_swapped
+
+    inplace = graphs["kv_inplace"]
+    other = {
+        **inplace,
+        "onnx": swap_top_two(inplace["onnx"]),
+        "torch": swap_top_two(inplace["torch"]),
+    }
+    with pytest.raises(
+        GreedyMismatch, match="'kv_inplace'.*other greedy tokens than through graph 'default'"
+    ):
+        check_generate(
+            arch, config, ckpt, {"default": graphs["default"], "kv_inplace": other}, False
+        )
 
 
 def test_noisy_logits_fail_fp16_top1_agreement(lm):

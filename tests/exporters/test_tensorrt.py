@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.architecture import ExportSignature, TensorSpec
-from exporters.base import TensorRTUnavailable
+from exporters.base import ExportOptions, TensorRTUnavailable
 from exporters.tensorrt_build import profile_shapes, require_tensorrt
 from tests.conftest import run_cli
 
@@ -109,14 +109,14 @@ def test_cli_tensorrt_export_fails_cleanly_and_writes_nothing(tiny_ckpt, tmp_pat
 @pytest.mark.skipif(not _have_tensorrt_and_gpu(), reason="needs the tensorrt package and a GPU")
 def test_engine_matches_onnx_outputs(tiny_ckpt, tmp_path):
     from engine.plugins import export_formats
-    from exporters.repository import TIMING_CACHE, read_manifest, verify_files
+    from engine.repository import TIMING_CACHE, read_manifest, verify_files
     from exporters.tensorrt_build import EngineRunner
     from exporters.validate import ort_runner, ort_session
     from tests.exporters.tiny_arch import TinyClassifier, TinyConfig
 
     fmt = export_formats()["tensorrt"]
-    vdir = fmt.export(tiny_ckpt, tmp_path, max_batch=4, max_seq=16, progress=False)
-    manifest = verify_files(vdir)
+    vdir = fmt.export(tiny_ckpt, tmp_path, ExportOptions(max_batch=4, max_seq=16, progress=False))
+    manifest = verify_files(vdir).to_dict()
     engine = manifest["tensorrt"]["engines"]["default"]
     assert engine["file"] == "model.plan" and engine["profile"]["input_ids"]["max"] == [4, 16]
     assert engine["validation"]["max_abs_diff_vs_onnx"]["logits"] < 1e-2
@@ -126,7 +126,7 @@ def test_engine_matches_onnx_outputs(tiny_ckpt, tmp_path):
     got = EngineRunner((vdir / "model.plan").read_bytes())(feeds)["logits"]
     ref = ort_runner(ort_session(vdir / "model.onnx"))(feeds)["logits"]
     np.testing.assert_allclose(got, ref, atol=1e-2, rtol=1e-2)
-    assert read_manifest(vdir)["format"] == "tensorrt"
+    assert read_manifest(vdir).format == "tensorrt"
 
 
 # -- the build logic against a stand-in for the tensorrt module (no GPU here) ---------------
@@ -272,19 +272,21 @@ def test_tensorrt_format_writes_engines_and_keeps_the_timing_cache(
     fake_trt, tiny_ckpt, tmp_path, monkeypatch
 ):
     from engine.plugins import export_formats
+    from engine.repository import TIMING_CACHE, verify_files
     from exporters import tensorrt_build
-    from exporters.repository import TIMING_CACHE, verify_files
 
     monkeypatch.setenv("ENGINE_ONNX_EXPORTER", "torchscript")
     monkeypatch.setattr(tensorrt_build, "compare_with_onnx", lambda *a: {"max_abs_diff": 0.0})
     fmt = export_formats()["tensorrt"]
-    vdir = fmt.export(tiny_ckpt, tmp_path, max_batch=4, max_seq=16, progress=False)
-    manifest = verify_files(vdir)
+    vdir = fmt.export(tiny_ckpt, tmp_path, ExportOptions(max_batch=4, max_seq=16, progress=False))
+    manifest = verify_files(vdir).to_dict()
     assert manifest["format"] == "tensorrt"
     assert [f["path"] for f in manifest["files"]] == ["model.onnx", "model.plan"]
     engines = manifest["tensorrt"]["engines"]
     assert engines["default"]["profile"]["input_ids"]["max"] == [4, 16]
     assert engines["default"]["validation"] == {"max_abs_diff": 0.0}
     assert (vdir.parent / TIMING_CACHE).read_bytes() == b"+timed"
-    fmt.export(tiny_ckpt, tmp_path, max_batch=4, max_seq=16, progress=False, validate=False)
+    fmt.export(
+        tiny_ckpt, tmp_path, ExportOptions(max_batch=4, max_seq=16, progress=False, validate=False)
+    )
     assert (vdir.parent / TIMING_CACHE).read_bytes() == b"+timed+timed"  # reused, extended

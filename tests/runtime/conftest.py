@@ -45,7 +45,8 @@ def build_tiny_lm(repo: Path, work: Path, torch_repo: Path | None = None) -> Non
 
     from engine import checkpoint
     from engine.trainer import train
-    from exporters.onnx_export import ExportOptions, export_model
+    from exporters.base import ExportOptions
+    from exporters.onnx_export import export_model
     from tests.conftest import run_cli
 
     ckpt = train("decoder-lm", work / "ckpt", steps=1, overrides=TINY, progress=False)

@@ -10,6 +10,7 @@ from engine.runtime.backends import BackendOptions, OnnxRuntimeBackend
 from engine.runtime.errors import BackendUnavailableError
 from engine.runtime.loader import open_version
 from engine.runtime.tensorrt_backend import unavailable_reason
+from exporters.base import ExportOptions
 from tests.runtime.conftest import MODEL
 
 
@@ -86,9 +87,13 @@ def test_a_tensorrt_plan_runs_natively_and_matches_onnxruntime(tmp_path):
     from tests.runtime.conftest import TINY
 
     ckpt = train("decoder-lm", tmp_path / "ckpt", steps=1, overrides=TINY, progress=False)
-    version = TensorRTFormat().export(ckpt, tmp_path / "repo", name=MODEL, progress=False)
+    version = TensorRTFormat().export(
+        ckpt, tmp_path / "repo", ExportOptions(name=MODEL, progress=False)
+    )
     mv = open_version(tmp_path / "repo", MODEL)
-    plan = TensorRTBackend(version / mv.manifest["tensorrt"]["engines"]["kv_inplace"]["file"])
+    plan = TensorRTBackend(
+        version / mv.manifest.sections["tensorrt"]["engines"]["kv_inplace"]["file"]
+    )
     onnx = OnnxRuntimeBackend(version / mv.graph("kv_inplace")["file"], BackendOptions())
     feeds = _feeds()
     got, ref = plan.run(feeds), onnx.run(feeds)

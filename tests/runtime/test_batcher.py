@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.repository import Manifest
 from engine.runtime.backends import Backend
 from engine.runtime.batched_engines import ClassifierEngine, ImageEngine, image_grid
 from engine.runtime.batcher import BatcherConfig, DynamicBatcher
@@ -102,7 +103,8 @@ class FakeBackend(Backend):
 
 
 def _version(tmp_path: Path, task: str, serving: dict) -> ModelVersion:
-    return ModelVersion(tmp_path, {"task": task, "serving": serving}, "fake", 1)
+    manifest = Manifest("fake", 1, "onnx", task, "fake-arch", serving=serving)
+    return ModelVersion(tmp_path, manifest, "fake", 1)
 
 
 @pytest.fixture()

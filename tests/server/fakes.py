@@ -13,8 +13,14 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from engine.repository import Manifest
 from engine.runtime.errors import RequestTooLongError
 from engine.server.models import Chunk, ModelCard, ModelStats, TokenLogprob
+
+
+def _manifest(name: str, task: str, architecture: str) -> Manifest:
+    return Manifest(name=name, version=1, format="fake", task=task, architecture=architecture)
+
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ."
 
@@ -35,7 +41,7 @@ class FakeLM:
             version=1,
             task="generate",
             architecture="fake-lm",
-            manifest={"task": "generate", "fake": True},
+            manifest=_manifest(name, "generate", "fake-lm"),
             context_length=context_length,
             vocab_size=len(ALPHABET) + 4,
         )
@@ -119,7 +125,7 @@ class FakeClassifier:
             version=2,
             task="classify",
             architecture="fake-clf",
-            manifest={"task": "classify"},
+            manifest=_manifest(name, "classify", "fake-clf"),
             labels=("neg", "neu", "pos"),
         )
         self.delay = delay
@@ -156,7 +162,7 @@ class FakeGan:
             version=1,
             task="sample_images",
             architecture="fake-gan",
-            manifest={"task": "sample_images"},
+            manifest=_manifest(name, "sample_images", "fake-gan"),
             image_shape=(1, 8, 8),
             num_classes=10,
             pixel_range=(-1.0, 1.0),

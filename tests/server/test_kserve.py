@@ -206,6 +206,10 @@ def _tensor(name, datatype, shape, **contents):
             _request("clf", _tensor("text", "BYTES", [1 << 40]), raw=[b"\x01\x00\x00\x00a"]),
             "cannot hold",
         ),
+        (
+            _request("gan", _tensor("digit", "INT64", [0, 1 << 40, 1 << 40], int64_contents=[])),
+            "too large to represent",
+        ),
         (_request("clf", _tensor("text", "NOPE", [1])), "unknown datatype"),
         (_request("gan", _tensor("digit", "INT64", [2]), raw=[b"\x00" * 12]), "need 2 x 8"),
         (_request("gan", _tensor("digit", "INT64", [1], int64_contents=[12])), "digits 0 to 9"),

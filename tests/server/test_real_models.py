@@ -20,6 +20,7 @@ import pytest
 from engine.client import EngineClient
 from engine.proto import engine_pb2 as pb
 from engine.proto import engine_pb2_grpc
+from exporters.base import ExportOptions
 from tests.server.conftest import ServerProcess
 
 pytest.importorskip("torch")
@@ -52,7 +53,7 @@ def build_repo(root):
         runs.append(("gan", "gan-generator", GAN))
     for name, arch, overrides in runs:
         ckpt = train(arch, root / f"ckpt-{name}", overrides=overrides, progress=False)
-        onnx.export(ckpt, root / "repo", name=name, validate=False, progress=False)
+        onnx.export(ckpt, root / "repo", ExportOptions(name=name, validate=False, progress=False))
     return root / "repo"
 
 

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from exporters import repository as repo_mod
-from exporters.base import ChecksumMismatch, ManifestError, RepositoryError, VersionExists
-from exporters.repository import (
+from engine import repository as repo_mod
+from engine.repository import (
+    ChecksumMismatch,
+    Manifest,
+    ManifestError,
+    RepositoryError,
+    VersionExists,
     latest_version,
     list_models,
     read_manifest,
@@ -30,7 +34,7 @@ def _write_version(repo: Path, name: str, payload: bytes, force: bool = False) -
         (tmp / "model.onnx").write_bytes(payload)
         (tmp / "sub").mkdir()
         (tmp / "sub" / "vocab.txt").write_text("a b c")
-        write_manifest(tmp, {"name": name, "version": version})
+        write_manifest(tmp, Manifest(name, version, "onnx", "generate", "decoder-lm"))
     return repo / name / str(version)
 
 
@@ -45,7 +49,7 @@ def test_versions_count_up_and_force_overwrites_latest(tmp_path):
     assert forced == second and versions(repo, "m") == [1, 2]
     assert (second / "model.onnx").read_bytes() == b"three"
     assert (first / "model.onnx").read_bytes() == b"one"
-    assert read_manifest(second)["version"] == 2
+    assert read_manifest(second).version == 2
     assert list_models(repo) == {"m": [1, 2]}
     assert version_dir(repo, "m") == second and version_dir(repo, "m", 1) == first
 
@@ -85,9 +89,9 @@ def test_a_concurrent_export_of_the_same_version_is_refused(tmp_path):
 def test_manifest_lists_every_file_with_its_sha256(tmp_path):
     vdir = _write_version(tmp_path, "m", b"weights")
     manifest = verify_files(vdir)
-    assert [f["path"] for f in manifest["files"]] == ["model.onnx", "sub/vocab.txt"]
-    assert all(f["sha256"] == repo_mod.sha256_file(vdir / f["path"]) for f in manifest["files"])
-    assert manifest["files"][0]["bytes"] == len(b"weights")
+    assert [f.path for f in manifest.files] == ["model.onnx", "sub/vocab.txt"]
+    assert all(f.sha256 == repo_mod.sha256_file(vdir / f.path) for f in manifest.files)
+    assert manifest.files[0].bytes == len(b"weights")
 
     (vdir / "model.onnx").write_bytes(b"weightz")
     with pytest.raises(ChecksumMismatch, match="model.onnx"):
@@ -118,7 +122,7 @@ def test_readers_and_format_registration_never_import_torch(tmp_path):
     _write_version(tmp_path, "m", b"x")
     code = f"""
 import sys
-from exporters.repository import latest_version, list_models, verify_files, version_dir
+from engine.repository import latest_version, list_models, verify_files, version_dir
 import pluggy
 import exporters.onnx_format, exporters.tensorrt_format
 from engine import hookspecs
@@ -143,3 +147,18 @@ print(json.dumps("ok"))
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == "ok"
+
+
+def test_manifest_round_trips_and_names_what_a_malformed_one_lacks(tmp_path):
+    vdir = _write_version(tmp_path, "m", b"x")
+    manifest = read_manifest(vdir)
+    manifest.sections["tensorrt"] = {"engines": {}}  # a format's own section survives
+    again = Manifest.from_dict(manifest.to_dict())
+    assert again == manifest and again.graph  # typed fields and sections both kept
+    data = json.loads((vdir / "manifest.json").read_text())
+    del data["task"]
+    (vdir / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="lacks task"):
+        read_manifest(vdir)
+    with pytest.raises(RepositoryError, match="has no 'kv_inplace' graph"):
+        manifest.graph("kv_inplace")
