@@ -9,6 +9,7 @@ cancels the rest (their generations are aborted) and returns, so the process exi
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,8 +17,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from engine.errors import EngineError
 from engine.proto import POOL, engine_pb2, engine_pb2_grpc, grpc_predict_v2_pb2
@@ -33,6 +32,19 @@ from engine.server.serving import Limits, Serving, safe_deserializer
 ENGINE_SERVICE = "engine.v1.EngineService"
 KSERVE_SERVICE = "inference.GRPCInferenceService"
 _SEND_LIMIT = 64 << 20  # images of a large batch; responses are ours, so a generous cap
+
+# Health checking and reflection are extras a server can run without (a bare GPU host may lack
+# their packages): the server starts and says in its log which one is off and why.
+try:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+except ImportError as exc:
+    health = health_pb2 = health_pb2_grpc = None
+    _NO_HEALTH = f"{exc}; pip install grpcio-health-checking"
+try:
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
+except ImportError as exc:
+    reflection = reflection_pb2 = None
+    _NO_REFLECTION = f"{exc}; pip install grpcio-reflection"
 
 
 class ServerStartError(EngineError):
@@ -87,7 +99,7 @@ def _add_service(server: grpc.aio.Server, add: Callable, servicer: Any) -> None:
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
     """A pool holding every served file, so reflection (grpcurl) describes all services."""
     pool = descriptor_pool.DescriptorPool()
-    for module in (engine_pb2, grpc_predict_v2_pb2, health_pb2, reflection_pb2):
+    for module in filter(None, (engine_pb2, grpc_predict_v2_pb2, health_pb2, reflection_pb2)):
         proto = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(proto)
         pool.Add(proto)
@@ -108,7 +120,7 @@ class EngineServer:
         self.metrics = metrics or ServerMetrics()
         self.serving = Serving(self.models, self.metrics, self.config.limits)
         self.kserve = KServeService(self.serving)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer() if health is not None else None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -116,6 +128,14 @@ class EngineServer:
 
     def _health_names(self) -> list[str]:
         return ["", ENGINE_SERVICE, KSERVE_SERVICE, *self.models.names()]
+
+    async def _set_health(self, status: str) -> None:
+        """Report ``status`` (SERVING, NOT_SERVING) for the server and every model, if on."""
+        if self.health is None:
+            return
+        value = health_pb2.HealthCheckResponse.ServingStatus.Value(status)
+        for name in self._health_names():
+            await self.health.set(name, value)
 
     async def start(self) -> int:
         """Bind, register everything and start serving; return the bound port."""
@@ -133,10 +153,16 @@ class EngineServer:
             server, engine_pb2_grpc.add_EngineServiceServicer_to_server, EngineService(self.serving)
         )
         _add_service(server, kserve_grpc.add_GRPCInferenceServiceServicer_to_server, self.kserve)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if cfg.reflection:
-            names = [ENGINE_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if self.health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        else:
+            logs.log("health checking off", logging.WARNING, reason=_NO_HEALTH)
+        if cfg.reflection and reflection is not None:
+            names = [ENGINE_SERVICE, KSERVE_SERVICE, reflection.SERVICE_NAME]
+            names += [health.SERVICE_NAME] if health is not None else []
             reflection.enable_server_reflection(names, server, pool=_reflection_pool())
+        elif cfg.reflection:
+            logs.log("reflection off", logging.WARNING, reason=_NO_REFLECTION)
         address = f"{cfg.host}:{cfg.port}"
         try:
             if cfg.tls_cert or cfg.tls_key:
@@ -148,8 +174,7 @@ class EngineServer:
                 self.port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ServerStartError(f"cannot listen on {address}: {exc}") from None
-        for name in self._health_names():
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health("SERVING")
         await server.start()
         self._server = server
         if cfg.metrics_port is not None:
@@ -177,8 +202,7 @@ class EngineServer:
         grace = self.config.grace if grace is None else grace
         logs.log("server draining", grace_s=grace)
         self.kserve.draining = True
-        for name in self._health_names():
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health("NOT_SERVING")
         await self._server.stop(grace)
         self._server = None
         for model in self.models:

@@ -2,6 +2,7 @@
 
     python tests/server/serve_process.py --fake [--delay S] [--grace S]
     python tests/server/serve_process.py --repo DIR [--models a,b]
+    python tests/server/serve_process.py --fake --without grpc_health,grpc_reflection
 
 Prints one JSON line once the port accepts connections: the ports and whether torch is loaded.
 """
@@ -45,7 +46,10 @@ def main() -> int:
     parser.add_argument("--models")
     parser.add_argument("--grace", type=float, default=5.0)
     parser.add_argument("--auth-token-file", type=Path)
+    parser.add_argument("--without", default="", help="packages to hide, as if not installed")
     args = parser.parse_args()
+    for name in filter(None, args.without.split(",")):
+        sys.modules[name] = None  # `import name` now raises ImportError
     port, metrics_port = free_port(), free_port()
     threading.Thread(target=report_when_listening, args=(port, metrics_port), daemon=True).start()
     if args.fake:

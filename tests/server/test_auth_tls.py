@@ -8,7 +8,6 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.client import ClientError, EngineClient
 from engine.proto import engine_pb2 as pb
@@ -43,6 +42,9 @@ def test_missing_or_wrong_token_is_unauthenticated(auth_server, metadata):
 
 
 def test_right_token_passes_and_health_stays_open(auth_server):
+    pytest.importorskip("grpc_health", reason="grpcio-health-checking is not installed")
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with grpc.insecure_channel(auth_server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         status = health.Check(health_pb2.HealthCheckRequest(service="lm")).status

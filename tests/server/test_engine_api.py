@@ -10,8 +10,6 @@ import zlib
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine.proto import engine_pb2 as pb
 from engine.proto import engine_pb2_grpc
@@ -212,6 +210,9 @@ def test_admission_queue_refuses_at_once_when_full():
 
 
 def test_health_overall_and_per_model(channel):
+    pytest.importorskip("grpc_health", reason="grpcio-health-checking is not installed")
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     stub = health_pb2_grpc.HealthStub(channel)
     for service in (
         "",
@@ -228,6 +229,9 @@ def test_health_overall_and_per_model(channel):
 
 
 def test_reflection_lists_and_describes_the_services(channel):
+    pytest.importorskip("grpc_reflection", reason="grpcio-reflection is not installed")
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     requests = [
         reflection_pb2.ServerReflectionRequest(list_services=""),

@@ -72,3 +72,37 @@ def test_sigterm_cancels_what_outlives_the_grace_period(process_factory):
         assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
     assert server.proc.wait(30) == 0
     assert time.monotonic() - start < 10
+
+
+def _unimplemented(channel: grpc.Channel, method: str) -> bool:
+    """True if ``method`` answers UNIMPLEMENTED (raw bytes: no stubs of the package needed)."""
+    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as info:
+        call(b"", timeout=10)
+    return info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_server_without_the_health_and_reflection_packages_serves_and_says_so(
+    process_factory,
+):
+    """What a bare GPU host without grpcio-health-checking/-reflection gets: no crash, a log."""
+    server = process_factory("--fake", "--without", "grpc_health,grpc_reflection")
+    with grpc.insecure_channel(server.target) as channel:
+        stub = engine_pb2_grpc.EngineServiceStub(channel)
+        assert len(stub.ListModels(pb.ListModelsRequest()).models) == 3
+        assert _unimplemented(channel, "/grpc.health.v1.Health/Check")
+    assert server.terminate() == 0
+    log = server.stderr()
+    assert "health checking off" in log and "pip install grpcio-health-checking" in log
+    assert "reflection off" in log and "pip install grpcio-reflection" in log
+    assert "Traceback" not in log
+
+
+def test_with_the_packages_health_answers_and_nothing_is_logged_off(process_factory):
+    pytest.importorskip("grpc_health", reason="grpcio-health-checking is not installed")
+    server = process_factory("--fake")
+    with grpc.insecure_channel(server.target) as channel:
+        raw = channel.unary_unary("/grpc.health.v1.Health/Check")
+        assert raw(b"", timeout=10) == b"\x08\x01"  # HealthCheckResponse(status=SERVING)
+    assert server.terminate() == 0
+    assert " off" not in server.stderr()

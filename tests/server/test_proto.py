@@ -31,6 +31,23 @@ def test_generated_code_is_current(tmp_path):
     assert not stale, f"run `python proto/generate.py`: {stale} are out of date"
 
 
+def test_the_install_floors_are_what_the_generated_code_checks_at_import():
+    """pyproject's grpcio/protobuf floors equal the versions the stubs refuse to run below."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = {}
+    for dep in deps:
+        found = re.match(r"(grpcio|protobuf)>=([\d.]+)", dep)
+        if found:
+            floor[found[1]] = found[2]
+    code = "".join((GENERATED / n).read_text() for n in ("engine_pb2.py", "engine_pb2_grpc.py"))
+    protobuf = re.search(r"# Protobuf Python Version: ([\d.]+)", code).group(1)
+    grpc_version = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", code).group(1)
+    assert floor == {"grpcio": grpc_version, "protobuf": protobuf}
+
+
 def _fields(descriptor) -> dict:
     """Every field of a message and its nested messages: name -> (number, type, label)."""
     out = {}
