@@ -10,7 +10,8 @@ async for out in engine.generate("def fib(n):", SamplingParams(max_tokens=64)):
 from engine.runtime.api import AnyEngine, Engine
 from engine.runtime.batched_engines import Classification, ClassifierEngine, ImageEngine, image_grid
 from engine.runtime.batcher import BatcherConfig, DynamicBatcher
-from engine.runtime.llm_engine import EngineConfig, LLMEngine, RequestOutput, TokenLogprob, Usage
+from engine.runtime.llm_engine import EngineConfig, LLMEngine
+from engine.runtime.outputs import RequestOutput, TokenLogprob, Usage
 from engine.runtime.sampling_params import SamplingParams
 
 __all__ = [

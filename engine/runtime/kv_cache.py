@@ -77,15 +77,12 @@ class KVCacheManager:
     contiguous range of rows to its graph wastes little on holes.
     """
 
-    def __init__(
-        self, num_blocks: int, block_size: int, bytes_per_block: int = 0, watermark_blocks: int = 0
-    ):
+    def __init__(self, num_blocks: int, block_size: int, bytes_per_block: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise KVCacheConfigError(f"need blocks of tokens, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.bytes_per_block = bytes_per_block
-        self.watermark_blocks = watermark_blocks  # kept free at admission so running ones can grow
         self._free = list(range(num_blocks))  # a heap
         self._held: dict[str, list[int]] = {}
         self._peak = 0
@@ -93,9 +90,13 @@ class KVCacheManager:
 
     @classmethod
     def from_budget(
-        cls, kv_cache_bytes: int, spec: KVCacheSpec, block_size: int, watermark: float = 0.0
+        cls,
+        kv_cache_bytes: int,
+        spec: KVCacheSpec,
+        block_size: int,
+        max_blocks: int | None = None,
     ) -> KVCacheManager:
-        """Size the pool from a byte budget; raise if not even one block fits."""
+        """Size the pool from a byte budget, capped at ``max_blocks``; raise if no block fits."""
         per_block = spec.bytes_per_token * block_size
         num_blocks = kv_cache_bytes // per_block
         if num_blocks < 1:
@@ -103,7 +104,9 @@ class KVCacheManager:
                 f"kv_cache_bytes={kv_cache_bytes} holds no block of {block_size} tokens "
                 f"({per_block} bytes); raise it to at least {per_block}"
             )
-        return cls(num_blocks, block_size, per_block, int(watermark * num_blocks))
+        if max_blocks is not None:
+            num_blocks = min(num_blocks, max_blocks)
+        return cls(num_blocks, block_size, per_block)
 
     # -- queries ------------------------------------------------------------------------------
     def blocks_needed(self, num_tokens: int) -> int:
@@ -121,8 +124,8 @@ class KVCacheManager:
         return self.num_blocks - len(self._free)
 
     def can_admit(self, num_tokens: int) -> bool:
-        """True if a new request of ``num_tokens`` fits, leaving the watermark free."""
-        return self.blocks_needed(num_tokens) <= len(self._free) - self.watermark_blocks
+        """True if a new request of ``num_tokens`` fits in the free blocks."""
+        return self.blocks_needed(num_tokens) <= len(self._free)
 
     def capacity(self, request_id: str) -> int:
         """Tokens the request's blocks can hold."""

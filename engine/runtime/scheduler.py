@@ -66,7 +66,7 @@ class Scheduler:
                 f"max_num_batched_tokens={config.max_num_batched_tokens} must be >= "
                 f"max_model_len={config.max_model_len} and max_num_seqs={config.max_num_seqs}"
             )
-        if kv.blocks_needed(config.max_model_len) > kv.num_blocks - kv.watermark_blocks:
+        if kv.blocks_needed(config.max_model_len) > kv.num_blocks:
             raise KVCacheConfigError(
                 f"the KV cache ({kv.num_blocks} blocks of {kv.block_size} tokens) cannot hold "
                 f"one sequence of max_model_len={config.max_model_len} tokens"

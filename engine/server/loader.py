@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import EngineError
-from engine.server.models import Chunk, ModelCard, ModelStats, TokenLogprob
+from engine.server.models import Chunk, ModelCard, ModelStats
 
 
 def _card(engine: Any, **extra: Any) -> ModelCard:
@@ -57,16 +57,11 @@ class LanguageModel:
         """Stream the runtime's outputs as chunks."""
         async with aclosing(self.engine.generate(prompt, params, request_id)) as outputs:
             async for out in outputs:
-                logprobs = None
-                if out.logprobs is not None:
-                    logprobs = [
-                        TokenLogprob(lp.token_id, lp.logprob, list(lp.top)) for lp in out.logprobs
-                    ]
                 yield Chunk(
                     text=out.delta_text,
-                    token_ids=list(out.delta_token_ids),
+                    token_ids=out.delta_token_ids,
                     finish_reason=out.finish_reason if out.finished else None,
-                    logprobs=logprobs,
+                    logprobs=out.logprobs,
                     prompt_tokens=out.usage.prompt_tokens,
                     completion_tokens=out.usage.completion_tokens,
                 )

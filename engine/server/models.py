@@ -2,7 +2,7 @@
 
 The servicers speak to :class:`ServedModel` only; ``engine.server.loader`` wraps the runtime's
 engines in it, and tests can pass a fake. Everything here is plain data or a protocol: no
-protobuf, no runtime import.
+protobuf; from the runtime only its plain output types (``TokenLogprob``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine.repository import Manifest
+from engine.runtime.outputs import TokenLogprob
 from engine.server.errors import invalid, not_found
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -35,15 +36,6 @@ class ModelCard:
     image_shape: tuple[int, ...] = ()  # sample_images: (channels, height, width)
     num_classes: int = 0  # sample_images: digits are 0 .. num_classes - 1
     pixel_range: tuple[float, float] = (-1.0, 1.0)  # sample_images: raw pixel range
-
-
-@dataclass
-class TokenLogprob:
-    """The log-probability of one sampled token and the top alternatives (token id, logprob)."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass

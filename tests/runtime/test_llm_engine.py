@@ -192,6 +192,15 @@ def test_a_small_kv_budget_gives_fewer_slots_and_still_serves_everyone(lm_repo, 
     assert engine.kv_stats().used_blocks == 0
 
 
+def test_a_kv_budget_past_max_num_seqs_allocates_only_the_slots_that_can_run(lm_repo):
+    probe = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig(max_num_seqs=3))
+    per_slot = probe.kv_stats().bytes_per_block
+    assert probe.kv_stats().num_blocks == 3 and probe.runner.kv_bytes == 3 * per_slot
+    config = EngineConfig(max_num_seqs=3, kv_cache_bytes=10 * per_slot)
+    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=config)
+    assert engine.kv_stats().num_blocks == 3 and engine.runner.kv_bytes == 3 * per_slot
+
+
 def test_an_altered_file_is_refused_before_anything_loads(lm_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(lm_repo, repo)

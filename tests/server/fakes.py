@@ -15,7 +15,8 @@ import numpy as np
 
 from engine.repository import Manifest
 from engine.runtime.errors import RequestTooLongError
-from engine.server.models import Chunk, ModelCard, ModelStats, TokenLogprob
+from engine.runtime.outputs import TokenLogprob
+from engine.server.models import Chunk, ModelCard, ModelStats
 
 
 def _manifest(name: str, task: str, architecture: str) -> Manifest:
