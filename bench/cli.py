@@ -91,8 +91,31 @@ def run_cmd(
         int | None,
         typer.Option(min=1, help="Requests per run (default: max(16, 4 x concurrency))."),
     ] = None,
-    input_len: Annotated[int, typer.Option(min=1, help="Prompt tokens, exactly.")] = 32,
-    output_len: Annotated[int, typer.Option(min=1, help="Output tokens, exactly.")] = 32,
+    workload: Annotated[
+        str, typer.Option(help="fixed, mixed (lognormal lengths) or shared-prefix.")
+    ] = "fixed",
+    input_len: Annotated[
+        int, typer.Option(min=1, help="Prompt tokens: exactly (fixed), the median (mixed).")
+    ] = 32,
+    output_len: Annotated[
+        int, typer.Option(min=1, help="Output tokens: exactly, or the median (mixed).")
+    ] = 32,
+    len_sigma: Annotated[
+        float, typer.Option(min=0.0, help="mixed: lognormal shape of both lengths.")
+    ] = 1.0,
+    num_prefixes: Annotated[int, typer.Option(min=1, help="shared-prefix: distinct prefixes.")] = 4,
+    prefix_len: Annotated[
+        int | None, typer.Option(min=1, help="shared-prefix: tokens [64 or what fits].")
+    ] = None,
+    suffix_len: Annotated[
+        int, typer.Option(min=1, help="shared-prefix: distinct tokens after the prefix.")
+    ] = 8,
+    goodput_ttft_ms: Annotated[
+        float, typer.Option(min=0.0, help="Goodput counts requests with TTFT at most this.")
+    ] = 1000.0,
+    goodput_tpot_ms: Annotated[
+        float, typer.Option(min=0.0, help="... and TPOT at most this.")
+    ] = 50.0,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up requests per baseline.")] = 2,
     seed: Annotated[int, typer.Option(help="Prompts, arrivals, image seeds.")] = 0,
     baselines: Annotated[
@@ -123,8 +146,13 @@ def run_cmd(
     import time
 
     from bench import report
+    from bench.metrics import Slo
     from bench.runner import Bench, BenchConfig
     from bench.server_process import ServeOptions
+    from bench.workloads import WORKLOADS, WorkloadSpec
+
+    if workload not in WORKLOADS:
+        raise EngineError(f"unknown --workload {workload!r}; choose one of {', '.join(WORKLOADS)}")
 
     started = time.time()
     config = BenchConfig(
@@ -136,8 +164,10 @@ def run_cmd(
         request_rates=_rates(request_rate),
         max_concurrency=max_concurrency,
         num_prompts=num_prompts,
-        input_len=input_len,
-        output_len=output_len,
+        workload=WorkloadSpec(
+            workload, input_len, output_len, len_sigma, num_prefixes, prefix_len, suffix_len
+        ),
+        slo=Slo(goodput_ttft_ms, goodput_tpot_ms),
         warmup=warmup,
         seed=seed,
         baselines=_names(baselines),

@@ -21,6 +21,7 @@ from engine.errors import EngineError
 FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("req/s", ("stats", "request_throughput")),
     ("tok/s", ("stats", "output_throughput")),
+    ("goodput", ("stats", "goodput")),
     ("TTFT p50", ("stats", "ttft_ms", "p50")),
     ("TTFT p99", ("stats", "ttft_ms", "p99")),
     ("TPOT p50", ("stats", "tpot_ms", "p50")),
@@ -96,8 +97,10 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         "processor": (a.get("machine", {}).get("processor"), b.get("machine", {}).get("processor")),
         "cpu_count": (a.get("machine", {}).get("cpu_count"), b.get("machine", {}).get("cpu_count")),
     }
-    for key in ("input_len", "output_len", "threads"):
+    for key in ("input_len", "output_len", "threads", "serve_args"):
         pairs[key] = (a.get("settings", {}).get(key), b.get("settings", {}).get(key))
+    kinds = [r.get("settings", {}).get("workload", {}).get("kind", "fixed") for r in (a, b)]
+    pairs["workload"] = (kinds[0], kinds[1])
     return [f"{k}: {va} vs {vb}" for k, (va, vb) in pairs.items() if va != vb]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.baselines.base import Baseline, RequestRecord
+from bench.baselines.base import Baseline, RequestRecord, output_lens
 from engine.client import sampling_params
 from engine.errors import EngineError
 from engine.proto import engine_pb2 as pb
@@ -92,9 +92,10 @@ class AsyncDriven(Baseline):
         """Send one request and time it."""
 
     def run(
-        self, prompts: list[list[int]], output_len: int, concurrency: int
+        self, prompts: list[list[int]], output_len: int | Sequence[int], concurrency: int
     ) -> list[RequestRecord]:
         """Run ``prompts``: at most ``concurrency`` in flight, arriving at ``request_rate``."""
+        items = list(zip(prompts, output_lens(output_len, len(prompts))))
         offsets = None
         if not math.isinf(self.request_rate):
             offsets = arrival_offsets(len(prompts), self.request_rate, self.seed)
@@ -102,7 +103,7 @@ class AsyncDriven(Baseline):
             self._loop = asyncio.new_event_loop()
             self._loop.run_until_complete(self.open())
         return self._loop.run_until_complete(
-            drive(lambda p: self.send(p, output_len), prompts, concurrency, offsets, self.on_done)
+            drive(lambda item: self.send(*item), items, concurrency, offsets, self.on_done)
         )
 
     def close(self) -> None:

@@ -5,6 +5,8 @@
 - ITL: every gap between consecutive tokens of a request, pooled over all requests.
 - E2E: last token's arrival minus the start.
 - Request throughput: completed requests / duration; output throughput: output tokens / duration.
+- Goodput (vLLM's ``--goodput``, DistServe's definition): completed requests that met every
+  service-level objective (TTFT and TPOT at most the limits) / duration.
 
 A request failed if it carries an error or received no token; failed requests are counted and
 left out of every latency and token figure. Latencies are reported in milliseconds.
@@ -20,6 +22,22 @@ import numpy as np
 from bench.baselines.base import RequestRecord
 
 PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Limits a request must meet to count towards goodput.
+
+    Defaults are what a person reading a stream notices: the first token within a second
+    (including time spent queued), then at least 20 tokens/s, faster than anyone reads.
+    """
+
+    ttft_ms: float = 1000.0
+    tpot_ms: float = 50.0
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain data for JSON."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,9 @@ class RunStats:
     tpot_ms: Distribution
     itl_ms: Distribution
     e2el_ms: Distribution
+    goodput: float = float("nan")  # requests/s that met the SLO (NaN without one)
+    good: int = 0  # requests that met the SLO
+    slo: dict[str, float] | None = None  # the limits goodput was measured against
     errors: tuple[str, ...] = ()  # the first few distinct error messages
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,8 +100,14 @@ def span(records: list[RequestRecord]) -> float:
     return max(ends) - min(starts)
 
 
-def summarize(records: list[RequestRecord], duration: float | None = None) -> RunStats:
-    """The run's stats; ``duration`` defaults to :func:`span` of the records."""
+def summarize(
+    records: list[RequestRecord], duration: float | None = None, slo: Slo | None = None
+) -> RunStats:
+    """The run's stats; ``duration`` defaults to :func:`span` of the records.
+
+    With ``slo``, goodput counts the requests whose TTFT and TPOT are within its limits (a
+    one-token request has no TPOT and is judged on TTFT alone).
+    """
     ok = [r for r in records if succeeded(r)]
     duration = span(records) if duration is None else duration
     starts = np.array([r.start for r in ok], np.float64)
@@ -96,6 +123,11 @@ def summarize(records: list[RequestRecord], duration: float | None = None) -> Ru
     output_tokens = int(counts.sum())
     per_s = 1.0 / duration if duration > 0 else float("nan")
     errors = tuple(dict.fromkeys(r.error or "no output" for r in records if not succeeded(r)))
+    good = 0
+    if slo is not None:
+        per_token = np.zeros_like(ttft)
+        per_token[multi] = tpot
+        good = int(((ttft * 1e3 <= slo.ttft_ms) & (per_token * 1e3 <= slo.tpot_ms)).sum())
     return RunStats(
         completed=len(ok),
         failed=len(records) - len(ok),
@@ -109,5 +141,8 @@ def summarize(records: list[RequestRecord], duration: float | None = None) -> Ru
         tpot_ms=Distribution.of(tpot),
         itl_ms=Distribution.of(itl),
         e2el_ms=Distribution.of(e2el),
+        goodput=good * per_s if slo is not None else float("nan"),
+        good=good,
+        slo=slo.to_dict() if slo is not None else None,
         errors=errors[:5],
     )

@@ -54,38 +54,53 @@ def heldout_stream(tokenizer, fraction: float = HELDOUT_FRACTION) -> np.ndarray:
     return encode_files(tokenizer, heldout, "heldout")
 
 
-def text_prompts(
-    tokenizer, input_len: int, count: int, seed: int = 0, fraction: float = HELDOUT_FRACTION
-) -> PromptSet:
-    """``count`` held-out windows of ``input_len`` ids that survive decode -> encode unchanged.
+def text_windows(
+    tokenizer, lengths: list[int], seed: int = 0, fraction: float = HELDOUT_FRACTION
+) -> tuple[list[list[int]], list[str], str]:
+    """Held-out windows of the given lengths (ids, texts, source) that re-tokenize unchanged.
 
     ``fraction`` is the held-out share the model was trained with (its checkpoint config).
     """
-    if input_len < 1:
-        raise PromptError(f"--input-len must be at least 1, got {input_len}")
+    if not lengths:
+        return [], [], ""
+    if min(lengths) < 1:
+        raise PromptError(f"prompt lengths must be at least 1, got {min(lengths)}")
     stream = heldout_stream(tokenizer, fraction)
-    if stream.size <= input_len:
-        raise PromptError(f"the held-out text has {stream.size} tokens; --input-len is {input_len}")
+    if stream.size <= max(lengths):
+        raise PromptError(
+            f"the held-out text has {stream.size} tokens; a prompt of {max(lengths)} is asked"
+        )
     special = {tokenizer.token_to_id(t.content) for t in _special_tokens(tokenizer)}
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, stream.size - input_len, count * MAX_TRIES_PER_PROMPT)
     ids_out: list[list[int]] = []
     texts: list[str] = []
-    for start in starts:
-        window = stream[start : start + input_len].astype(np.int64).tolist()
-        if special.intersection(window):
-            continue
-        text = tokenizer.decode(window)
-        if tokenizer.encode(text).ids != window:
-            continue
-        ids_out.append(window)
-        texts.append(text)
-        if len(ids_out) == count:
-            return PromptSet(ids_out, texts, f"stdlib held-out files ({fraction:.0%} split)")
-    raise PromptError(
-        f"found only {len(ids_out)} of {count} held-out windows of {input_len} tokens that "
-        "re-tokenize exactly; try a shorter --input-len"
-    )
+    for length in lengths:
+        for start in rng.integers(0, stream.size - length, MAX_TRIES_PER_PROMPT):
+            window = stream[start : start + length].astype(np.int64).tolist()
+            if special.intersection(window):
+                continue
+            text = tokenizer.decode(window)
+            if tokenizer.encode(text).ids != window:
+                continue
+            ids_out.append(window)
+            texts.append(text)
+            break
+        else:
+            raise PromptError(
+                f"found no held-out window of {length} tokens that re-tokenizes exactly in "
+                f"{MAX_TRIES_PER_PROMPT} tries; try shorter prompts"
+            )
+    return ids_out, texts, f"stdlib held-out files ({fraction:.0%} split)"
+
+
+def text_prompts(
+    tokenizer, input_len: int, count: int, seed: int = 0, fraction: float = HELDOUT_FRACTION
+) -> PromptSet:
+    """``count`` held-out windows of exactly ``input_len`` ids (see :func:`text_windows`)."""
+    if input_len < 1:
+        raise PromptError(f"--input-len must be at least 1, got {input_len}")
+    ids, texts, source = text_windows(tokenizer, [input_len] * count, seed, fraction)
+    return PromptSet(ids, texts, source)
 
 
 def digit_prompts(num_classes: int, count: int, seed: int = 0) -> PromptSet:

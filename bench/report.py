@@ -68,16 +68,19 @@ def _clean(value: Any) -> Any:
 def build(bench: Any, started: float) -> dict[str, Any]:
     """The report of a finished :class:`bench.runner.Bench`."""
     cfg, model = bench.config, bench.model
+    workload = bench.workload
     settings = {
-        "input_len": cfg.input_len,
-        "output_len": cfg.output_len,
+        "workload": {**workload.spec.to_dict(), **workload.params},
+        "input_len": workload.spec.input_len,
+        "output_len": workload.spec.output_len,
+        "goodput_slo": cfg.slo.to_dict(),
         "warmup": cfg.warmup,
         "seed": cfg.seed,
         "baselines": list(cfg.baselines),
         "device": cfg.serve.device,
         "threads": cfg.serve.threads,
         "serve_args": list(cfg.serve.extra_args),
-        "prompts": bench.prompts.source,
+        "prompts": workload.source,
         "greedy": True,
         "ignore_eos": True,
     }
@@ -132,7 +135,9 @@ def _ms(d: dict[str, Any] | None, *keys: str) -> str:
 def table(report: dict[str, Any]) -> Table:
     """The runs as a table: throughput, latency percentiles (ms) and server load."""
     generate = report["model"]["task"] == "generate"
-    t = Table(title=f"{report['model']['name']} ({report['model']['task']})", title_justify="left")
+    kind = report.get("settings", {}).get("workload", {}).get("kind", "fixed")
+    title = f"{report['model']['name']} ({report['model']['task']}, {kind} workload)"
+    t = Table(title=title, title_justify="left")
     for col in ("run", "load", "ok/fail", "req/s"):
         t.add_column(col, no_wrap=True)
     if generate:
@@ -144,6 +149,8 @@ def table(report: dict[str, Any]) -> Table:
     else:
         t.add_column("E2E mean/p50/p90/p99", justify="right")
     t.add_column("batch", justify="right")
+    if generate:
+        t.add_column("goodput req/s", justify="right")
     for run in report["runs"]:
         s, server = run["stats"], run.get("server") or {}
         load = describe_load(run)
@@ -164,6 +171,10 @@ def table(report: dict[str, Any]) -> Table:
             row.append(_ms(s["e2el_ms"], "mean", "p50", "p90", "p99"))
         batch = server.get("batch_size_mean")
         row.append("-" if batch is None else f"{batch:.2f}")
+        if generate:
+            goodput = s.get("goodput")
+            good = f"{goodput:.2f} ({s.get('good', 0)}/{s['completed'] + s['failed']})"
+            row.append("-" if goodput is None else good)
         t.add_row(*row)
     return t
 

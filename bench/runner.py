@@ -18,16 +18,12 @@ from typing import Any
 
 from bench.baselines import BaselineContext, Unavailable, create
 from bench.baselines.base import Baseline, RequestRecord
-from bench.metrics import succeeded, summarize
-from bench.prompts import (
-    HELDOUT_FRACTION,
-    PromptSet,
-    digit_prompts,
-    load_tokenizer,
-    text_prompts,
-)
+from bench.metrics import Slo, succeeded, summarize
+from bench.prompts import HELDOUT_FRACTION, digit_prompts, load_tokenizer
 from bench.server_metrics import MetricsWatcher
 from bench.server_process import ServeOptions, ServerProcess
+from bench.workloads import Workload, WorkloadSpec
+from bench.workloads import build as build_workload
 from engine.errors import EngineError
 from engine.repository import Manifest
 
@@ -48,8 +44,8 @@ class BenchConfig:
     request_rates: tuple[float, ...] = ()  # requests/s; each gives a Poisson-arrival run
     max_concurrency: int | None = None  # cap on requests in flight in rate mode
     num_prompts: int | None = None  # per run; None: max(16, 4 x concurrency) or 32 (rate)
-    input_len: int = 32  # prompt tokens, exactly
-    output_len: int = 32  # generated tokens, exactly (end-of-text ignored)
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)  # lengths, prefixes
+    slo: Slo = field(default_factory=Slo)  # what a request must meet to count as goodput
     warmup: int = 2  # requests per baseline before its first measured run
     seed: int = 0  # prompts, arrivals and image seeds
     baselines: tuple[str, ...] = ("grpc", "inprocess", "bare")
@@ -66,6 +62,7 @@ class Load:
     concurrency: int | None  # requests in flight at most (None: unlimited)
     request_rate: float  # requests/s (inf: all at once)
     num_prompts: int
+    first: int = 0  # index of its first request in the workload: every run sends new prompts
 
     def describe(self) -> str:
         """c=4, or 2/s (max 8)."""
@@ -85,16 +82,29 @@ class Load:
 
 
 def plan(config: BenchConfig) -> list[Load]:
-    """The loads to run, in order: the concurrency sweep, then the request rates."""
+    """The loads to run, in order: the concurrency sweep, then the request rates.
+
+    Each load gets its own slice of the workload after the warm-up's, so no run repeats a
+    prompt an earlier one sent: a prefix cache helps only where prompts really share a prefix.
+    """
     if config.request_rates:
         n = config.num_prompts or RATE_PROMPTS
-        return [Load("rate", config.max_concurrency, r, n) for r in config.request_rates]
-    return [
-        Load(
-            "concurrency", c, math.inf, config.num_prompts or max(MIN_PROMPTS, PROMPTS_PER_SLOT * c)
-        )
-        for c in config.concurrency
-    ]
+        loads = [Load("rate", config.max_concurrency, r, n) for r in config.request_rates]
+    else:
+        loads = [
+            Load(
+                "concurrency",
+                c,
+                math.inf,
+                config.num_prompts or max(MIN_PROMPTS, PROMPTS_PER_SLOT * c),
+            )
+            for c in config.concurrency
+        ]
+    first = config.warmup
+    for i, load in enumerate(loads):
+        loads[i] = replace(load, first=first)
+        first += load.num_prompts
+    return loads
 
 
 @dataclass
@@ -119,23 +129,21 @@ def open_model(repo: Path, name: str | None) -> Model:
     return Model(Path(repo), mv.name, mv.version, mv.task, mv.manifest, mv.path)
 
 
-def make_prompts(config: BenchConfig, model: Model, count: int) -> tuple[PromptSet, Any]:
-    """``count`` prompts for ``model`` and the tokenizer that made them (None for digits)."""
+def make_workload(config: BenchConfig, model: Model, count: int) -> tuple[Workload, Any]:
+    """``count`` requests for ``model`` and the tokenizer that made them (None for digits).
+
+    Classifiers get the workload's prompts with nothing to generate; image models get digits.
+    """
     serving = model.manifest.serving
+    spec = config.workload
     if model.task == "sample_images":
-        return digit_prompts(int(serving.get("num_classes", 10)), count, config.seed), None
-    if model.task == "generate":
-        context = int(serving["context_length"])
-        if config.input_len + config.output_len > context:
-            raise EngineError(
-                f"--input-len {config.input_len} + --output-len {config.output_len} exceeds "
-                f"{model.name}'s context of {context} tokens"
-            )
+        digits = digit_prompts(int(serving.get("num_classes", 10)), count, config.seed)
+        return Workload(spec, digits.token_ids, [], [1] * count, digits.source, {}), None
     tokenizer = load_tokenizer(model.path, serving)
     trained = model.manifest.checkpoint.get("config", {})
     fraction = float(trained.get("heldout_fraction", HELDOUT_FRACTION))
-    prompts = text_prompts(tokenizer, config.input_len, count, config.seed, fraction)
-    return prompts, tokenizer
+    context = int(serving["context_length"]) if model.task == "generate" else 1 << 30
+    return build_workload(spec, tokenizer, context, count, config.seed, fraction), tokenizer
 
 
 @contextmanager
@@ -196,8 +204,8 @@ class Bench:
         self.progress = progress or NullProgress()
         self.model = open_model(config.repo, config.model)
         self.loads = plan(config)
-        count = max(max(load.num_prompts for load in self.loads), config.warmup)
-        self.prompts, self.tokenizer = make_prompts(config, self.model, count)
+        count = config.warmup + sum(load.num_prompts for load in self.loads)
+        self.workload, self.tokenizer = make_workload(config, self.model, count)
         self.runs: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self.baselines: dict[str, dict[str, Any]] = {}
@@ -268,13 +276,15 @@ class Bench:
         finally:
             baseline.close()
 
-    def _same_tokens(self, label: str, records: list[RequestRecord]) -> dict[str, Any] | None:
+    def _same_tokens(
+        self, label: str, records: list[RequestRecord], first: int = 0
+    ) -> dict[str, Any] | None:
         """How many requests produced the reference baseline's greedy tokens for their prompt.
 
-        Records come back in prompt order, so record i answers prompt i. None when there are
-        no tokens to compare (classifier, GAN).
+        Records come back in prompt order, so record i answers request ``first + i``. None
+        when there are no tokens to compare (classifier, GAN).
         """
-        ok = {i: r.token_ids for i, r in enumerate(records) if succeeded(r) and r.token_ids}
+        ok = {first + i: r.token_ids for i, r in enumerate(records) if succeeded(r) and r.token_ids}
         if not ok:
             return None
         if self.reference is None:
@@ -301,7 +311,7 @@ class Bench:
     def _sweep(
         self, baseline: Baseline, label: str, batching: bool | None, metrics: str | None
     ) -> None:
-        cfg, prompts = self.config, self.prompts.token_ids
+        cfg, prompts, lens = self.config, self.workload.prompts, self.workload.output_lens
         loads = []
         for load in self.loads:
             if load.mode == "rate" and not getattr(baseline, "supports_rate", False):
@@ -309,10 +319,11 @@ class Bench:
             else:
                 loads.append(load)
         baseline.on_done = lambda record: self.progress.advance()
+        baseline.seed = cfg.seed  # the arrival process
         if cfg.warmup and loads:
             self.progress.start(f"{label} warm-up", cfg.warmup)
             baseline.request_rate = math.inf
-            baseline.run(prompts[: cfg.warmup], cfg.output_len, cfg.warmup)
+            baseline.run(prompts[: cfg.warmup], lens[: cfg.warmup], cfg.warmup)
             self.progress.finish()
         for load in loads:
             self.progress.start(f"{label} {load.describe()}", load.num_prompts)
@@ -320,10 +331,9 @@ class Bench:
             watcher = MetricsWatcher(metrics, self.model.name).start() if metrics else None
             t0 = time.perf_counter()
             try:
+                part = slice(load.first, load.first + load.num_prompts)
                 records = baseline.run(
-                    prompts[: load.num_prompts],
-                    cfg.output_len,
-                    load.concurrency or load.num_prompts,
+                    prompts[part], lens[part], load.concurrency or load.num_prompts
                 )
             except Exception as exc:  # record it and go on with the other loads
                 self._skip(label, f"failed: {type(exc).__name__}: {exc}", load)
@@ -338,8 +348,8 @@ class Bench:
                     "label": label,
                     "batching": None if batching is None else ("on" if batching else "off"),
                     **load.to_dict(),
-                    "stats": summarize(records, duration).to_dict(),
+                    "stats": summarize(records, duration, cfg.slo).to_dict(),
                     "server": server.to_dict() if server else None,
-                    "same_tokens": self._same_tokens(label, records),
+                    "same_tokens": self._same_tokens(label, records, load.first),
                 }
             )

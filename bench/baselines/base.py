@@ -1,17 +1,21 @@
 """What every generate baseline (and the gRPC driver) reports: one record per request.
 
-A baseline runs a list of token-id prompts at a given concurrency and returns, for each request,
-when it was sent and when each of its output tokens arrived (``time.perf_counter()`` seconds).
-Batched baselines (a bare loop, Hugging Face ``generate``) run ``concurrency`` prompts as one
-batch, batch after batch; every request of a batch then shares the batch's token timestamps.
-The metrics (TTFT, TPOT, ITL, E2E) are computed from these records alone, the same way for all.
+A baseline runs a list of token-id prompts, each with the number of tokens it asks for, at a
+given concurrency and returns, for each request, when it was sent and when each of its output
+tokens arrived (``time.perf_counter()`` seconds). Batched baselines (a bare loop, Hugging Face
+``generate``) serve requests as a static-batch server would: ``concurrency`` of them left-padded
+into one batch that runs until its longest request is done; requests sent meanwhile wait for the
+next batch. The metrics (TTFT, TPOT, ITL, E2E) are computed from these records alone, the same
+way for all.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +53,12 @@ class Baseline(ABC):
 
     @abstractmethod
     def run(
-        self, prompts: list[list[int]], output_len: int, concurrency: int
+        self, prompts: list[list[int]], output_len: int | Sequence[int], concurrency: int
     ) -> list[RequestRecord]:
-        """Generate exactly ``output_len`` greedy tokens per prompt (end-of-text ignored)."""
+        """Generate exactly ``output_len`` greedy tokens per prompt (end-of-text ignored).
+
+        ``output_len`` is one length for all, or one per prompt.
+        """
 
     def describe(self) -> dict[str, Any]:
         """Versions and settings that go into the JSON report."""
@@ -61,13 +68,30 @@ class Baseline(ABC):
         """Free what the baseline holds (sessions, models, servers)."""
 
 
-class BatchedBaseline(Baseline):
-    """A baseline that runs static batches: ``concurrency`` prompts at once, batch after batch.
+def output_lens(output_len: int | Sequence[int], count: int) -> list[int]:
+    """One output length per request from a single length or a per-request list."""
+    if isinstance(output_len, int):
+        return [output_len] * count
+    lens = [int(n) for n in output_len]
+    if len(lens) != count:
+        raise ValueError(f"{len(lens)} output lengths for {count} prompts")
+    return lens
 
-    Every request of a batch starts when the batch does and shares its per-step token times.
+
+class BatchedBaseline(Baseline):
+    """A static-batch server: up to ``concurrency`` requests per batch, batch after batch.
+
+    A batch takes the requests sent by the time it starts (left-padded), runs until its
+    longest request has all its tokens, and only then does the next batch start. Each request
+    streams its own tokens (the batch's step times, cut at its own length), and its clients
+    behave as the async load generator's: at a fixed concurrency a client sends its next
+    request as soon as its last token arrives; with a ``request_rate`` requests are sent at
+    their Poisson arrival times. A request's TTFT thus includes the wait for the batch before.
     """
 
-    supports_rate = False  # no arrival process: a batch is formed before it starts
+    supports_rate = True
+    request_rate: float = math.inf  # requests/s as a Poisson process; inf: by concurrency only
+    seed: int = 0  # seeds the arrival process
     on_done: Callable[[RequestRecord], None] | None = None  # progress, per finished request
 
     @abstractmethod
@@ -77,19 +101,52 @@ class BatchedBaseline(Baseline):
         """Greedy ``output_len`` tokens for one batch: each step's time and the (B, n) tokens."""
 
     def run(
-        self, prompts: list[list[int]], output_len: int, concurrency: int
+        self, prompts: list[list[int]], output_len: int | Sequence[int], concurrency: int
     ) -> list[RequestRecord]:
-        """Batches of ``concurrency`` prompts, one after the other."""
-        records: list[RequestRecord] = []
-        for i in range(0, len(prompts), concurrency):
-            batch = prompts[i : i + concurrency]
-            start = time.perf_counter()
-            times, tokens = self.generate_batch(batch, output_len)
-            done = [
-                RequestRecord(start, list(times), len(p), tokens[row].tolist())
-                for row, p in enumerate(batch)
-            ]
-            records += done
-            for record in done if self.on_done is not None else ():
-                self.on_done(record)
-        return records
+        """Serve ``prompts`` in static batches of at most ``concurrency``."""
+        from bench.loadgen import arrival_offsets
+
+        lens = output_lens(output_len, len(prompts))
+        n = len(prompts)
+        t0 = time.perf_counter()
+        arrive = t0 + (
+            arrival_offsets(n, self.request_rate, self.seed)
+            if not math.isinf(self.request_rate)
+            else np.zeros(n)
+        )
+        limit = concurrency if math.isinf(self.request_rate) else None
+        finished: list[float] = []  # finish times, sorted: a closed-loop client sends then
+        records: list[RequestRecord | None] = [None] * n
+        sent = [0.0] * n
+        nxt = 0
+        while nxt < n:
+            now = time.perf_counter()
+            batch = []
+            while nxt + len(batch) < n and len(batch) < concurrency:
+                i = nxt + len(batch)
+                at = float(arrive[i])
+                if limit is not None and i >= limit:  # waits for a client to be free
+                    freed = i - limit  # the (i - limit)-th finish, in time order
+                    if freed >= len(finished):
+                        break
+                    at = max(at, finished[freed])
+                if at > now:
+                    break
+                sent[i] = at
+                batch.append(i)
+            if not batch:
+                wait = float(arrive[nxt]) - time.perf_counter()
+                time.sleep(max(wait, 0.0))
+                continue
+            longest = max(lens[i] for i in batch)
+            times, tokens = self.generate_batch([prompts[i] for i in batch], longest)
+            for row, i in enumerate(batch):
+                k = lens[i]
+                ids = tokens[row, :k].tolist()
+                record = RequestRecord(sent[i], list(times[:k]), len(prompts[i]), ids)
+                records[i] = record
+                bisect.insort(finished, record.token_times[-1])
+                if self.on_done is not None:
+                    self.on_done(record)
+            nxt += len(batch)
+        return [r for r in records if r is not None]

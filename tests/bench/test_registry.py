@@ -24,7 +24,7 @@ class Recorder(Baseline):
         self.model, self.threads, self.extra = model, threads, extra
 
     def run(self, prompts, output_len, concurrency):
-        return [RequestRecord(0.0, [1.0] * output_len, len(p)) for p in prompts]
+        return [RequestRecord(0.0, [1.0] * n, len(p)) for p, n in zip(prompts, output_len)]
 
 
 class NeedsGpu(Recorder):
@@ -82,13 +82,13 @@ def test_the_bench_imports_no_framework_until_a_baseline_asks():
 
 def test_a_bench_reports_unavailable_baselines_as_skipped(registry, lm_repo):
     from bench.runner import Bench, BenchConfig
+    from bench.workloads import WorkloadSpec
 
     config = BenchConfig(
         repo=lm_repo,
         concurrency=(2,),
         num_prompts=2,
-        input_len=4,
-        output_len=3,
+        workload=WorkloadSpec(input_len=4, output_len=3),
         warmup=0,
         baselines=("recorder", "gpu", "absent"),
     )

@@ -56,8 +56,11 @@ def test_the_report_has_every_run_with_sane_figures(lm_report):
 def test_every_baseline_produced_the_servers_greedy_tokens(lm_report):
     _, report, stdout = lm_report
     runs = {(r["label"], r["concurrency"]): r["same_tokens"] for r in report["runs"]}
-    assert runs[("grpc", 1)] == {"reference": "grpc", "identical": 0, "compared": 0}
-    for key in [("grpc", 2), ("inprocess", 1), ("inprocess", 2), ("bare", 1), ("bare", 2)]:
+    # every load sends prompts of its own (no run repeats an earlier one's): the server's
+    # runs set the reference, each baseline is compared at the same load
+    for key in [("grpc", 1), ("grpc", 2)]:
+        assert runs[key] == {"reference": "grpc", "identical": 0, "compared": 0}
+    for key in [("inprocess", 1), ("inprocess", 2), ("bare", 1), ("bare", 2)]:
         assert runs[key] == {"reference": "grpc", "identical": 4, "compared": 4}, key
     assert "same tokens" in stdout and "4/4" in stdout
 
@@ -112,12 +115,39 @@ def test_poisson_mode_against_a_running_server(lm_repo, tmp_path):
         result = run_cli(*args, "--baselines", "grpc,bare", "--out", str(tmp_path), "--no-plots")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
-    (run,) = report["runs"]
+    run, bare = report["runs"]
     assert (run["mode"], run["request_rate"], run["stats"]["completed"]) == ("rate", 40.0, 4)
     assert run["server"]["batch_size_mean"] >= 1
     assert report["server"] == {"target": server.target, "same_weights": True}
-    assert report["skipped"][0]["baseline"] == "bare"  # static batches have no arrival process
+    # the static-batch loop takes the same arrivals: a batch holds what came in meanwhile
+    assert (bare["label"], bare["request_rate"], bare["stats"]["completed"]) == ("bare", 40.0, 4)
+    assert bare["same_tokens"]["identical"] == 4 and not report["skipped"]
     assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("workload", ["mixed", "shared-prefix"])
+def test_the_workload_and_its_parameters_are_in_the_report(lm_repo, tmp_path, workload):
+    args = ["bench", "run", "--repo", str(lm_repo), "--concurrency", "4", "--workload", workload]
+    args += ["--num-prompts", "8", "--input-len", "8", "--output-len", "6", "--threads", "1"]
+    args += ["--baselines", "inprocess,bare", "--goodput-ttft-ms", "5000"]
+    result = run_cli(*args, "--out", str(tmp_path), "--no-plots", "--no-progress", timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    spec = report["settings"]["workload"]
+    assert spec["kind"] == workload and report["settings"]["goodput_slo"]["ttft_ms"] == 5000
+    inprocess, bare = report["runs"]
+    for run in (inprocess, bare):
+        s = run["stats"]
+        assert s["completed"] == 8 and 0 <= s["good"] <= 8 and s["goodput"] is not None
+    # the static-batch loop (left-padded, cut at each request's length) gives the same tokens
+    assert bare["same_tokens"] == {"reference": "inprocess", "identical": 8, "compared": 8}
+    if workload == "mixed":
+        assert spec["input_lens"]["max"] >= spec["input_lens"]["min"] and spec["sigma"] == 1.0
+        assert len({r["stats"]["output_tokens"] for r in (inprocess, bare)}) == 1
+    else:
+        assert spec["prefix_len"] == 64 and spec["num_prefixes"] == 4
+        assert inprocess["stats"]["input_tokens"] == 8 * (64 + 8)
+    assert f"{workload} workload" in result.stdout and "goodput" in result.stdout
 
 
 def test_bad_input_is_a_message_not_a_traceback(lm_repo, tmp_path):
