@@ -11,7 +11,7 @@
 #   bench/gpu.sh --skip-onnx     no ONNX export (its tracing takes minutes at GPT-2 size)
 #
 # Needs the project's dependencies importable (run from anywhere: PYTHONPATH is set to this
-# checkout) and, for the hf baseline, transformers (`pip install -e '.[bench]'`); without it the
+# checkout) and, for the hf baseline, transformers (`pip install -e '.[train,bench]'`); without it the
 # report lists hf as skipped, with the reason. PYTHON picks the interpreter [python].
 set -euo pipefail
 

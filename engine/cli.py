@@ -14,6 +14,7 @@ from rich.table import Table
 
 from engine import cli_runtime
 from engine.errors import EngineError
+from engine.extras import needs
 
 app = typer.Typer(
     add_completion=False,
@@ -32,6 +33,7 @@ ConfigOpt = Annotated[
 
 
 @app.command("plugins")
+@needs("train", "`engine plugins`")
 def plugins_cmd() -> None:
     """List every registered architecture and export format with the plugin that provides it."""
     from engine.plugins import architectures, export_formats, get_plugin_manager, plugin_info
@@ -56,6 +58,7 @@ def plugins_cmd() -> None:
 
 
 @app.command("train")
+@needs("train", "`engine train`")
 def train_cmd(
     arch: Annotated[str, typer.Argument(help="Architecture name (see `engine plugins`).")],
     out: Annotated[Path | None, typer.Option(help="Checkpoint directory [runs/ARCH].")] = None,
@@ -112,6 +115,7 @@ def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
 
 
 @app.command("sample")
+@needs("train", "`engine sample`")
 def sample_cmd(
     checkpoint_dir: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
     prompt: Annotated[str | None, typer.Option(help="Prompt for a generative model.")] = None,
@@ -149,6 +153,7 @@ def sample_cmd(
 
 
 @app.command("export")
+@needs("train", "`engine export`")
 def export_cmd(
     checkpoint_dir: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
     repo: Annotated[Path, typer.Option(help="Model repository directory.")],

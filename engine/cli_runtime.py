@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
 from engine.errors import EngineError
@@ -121,10 +121,9 @@ def sample_images_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Generate digit images with a conditional generator; writes a PNG grid (row = digit)."""
-    from PIL import Image
-
     from engine.atomic import write_bytes
     from engine.runtime.batched_engines import image_grid
+    from engine.server.png import encode_png
 
     eng = _open(repo, model, version, device, threads, "sample_images")
     digits = digit or list(range(10))
@@ -132,7 +131,6 @@ def sample_images_cmd(
         images = asyncio.run(eng.sample_images(digits, n=n, seed=seed))
     finally:
         eng.close()
-    buf = io.BytesIO()
-    Image.fromarray(image_grid(images, columns=n)).save(buf, format="PNG")
-    write_bytes(out, buf.getvalue())
+    grid = image_grid(images, columns=n)  # uint8, so the 0..255 range maps back exactly
+    write_bytes(out, encode_png(grid[None].astype(np.float32), 0.0, 255.0))
     typer.echo(f"wrote {out} ({len(digits)} rows x {n} images)")

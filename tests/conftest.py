@@ -40,3 +40,11 @@ def cli():
 
 
 TOY_ENV = {"ENGINE_PLUGINS": "tests.toy_plugin"}
+
+
+@pytest.fixture(scope="session")
+def served_repo(tmp_path_factory) -> Path:
+    """A repository with tiny ``lm``, ``clf`` and ``gan`` models (read-only: copy to change)."""
+    from tests.served_repo import copy_repo
+
+    return copy_repo(tmp_path_factory.mktemp("served") / "repo")
