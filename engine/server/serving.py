@@ -28,7 +28,7 @@ from engine.server.metrics import ServerMetrics
 from engine.server.models import Chunk, ModelSet, ServedModel
 
 REQUEST_ID_HEADER = "x-request-id"
-_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+_REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces (fullmatch)
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class Serving:
                     break
         if not given:
             return uuid.uuid4().hex
-        if not _REQUEST_ID_RE.match(given):
+        if not _REQUEST_ID_RE.fullmatch(given):  # `$` would let a trailing newline through
             raise invalid("request_id must be 1-128 printable ASCII characters without spaces")
         return given
 

@@ -77,6 +77,13 @@ def test_request_id_comes_back_in_trailing_metadata(engine_stub):
     assert ("x-request-id", "abc-123") in call.trailing_metadata()
 
 
+def test_a_request_id_with_a_trailing_newline_is_invalid_not_internal(engine_stub):
+    request = pb.GenerateRequest(model="lm", prompt="a", request_id="0\n")
+    with pytest.raises(grpc.RpcError) as info:
+        list(engine_stub.Generate(request))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_classify_returns_a_label_and_probabilities_per_text(engine_stub):
     response = engine_stub.Classify(pb.ClassifyRequest(model="clf", texts=["abc", "hello", "x"]))
     assert len(response.results) == 3
