@@ -147,6 +147,9 @@ class Architecture(ABC):
         """Judge the metrics against this architecture's quality bar."""
 
     item_unit: str = "samples"  # what ``items`` counts in the progress bar: tokens, samples
+    # Other names `engine train NAME --init SOURCE` trains this architecture under (it takes
+    # over their data and quality bar from a pretrained model: bert-classifier as text-classifier)
+    trains_as: tuple[str, ...] = ()
 
     def steps(self, config: Any) -> int:
         """Number of training steps of the run ``config`` describes."""

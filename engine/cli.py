@@ -73,28 +73,43 @@ def train_cmd(
         int | None, typer.Option(min=1, help="Also write a checkpoint every N steps.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from a checkpoint's or a Hugging Face directory's weights (fine-tune).",
+            metavar="CHECKPOINT|HF_DIR",
+        ),
+    ] = None,
 ) -> None:
     """Train an architecture, evaluate it against its quality bar and write a checkpoint."""
+    import contextlib
     import json
 
     from engine.configs import parse_overrides
     from engine.plugins import get_architecture
     from engine.trainer import train
 
-    architecture, _ = get_architecture(arch)
-    overrides = parse_overrides(architecture.config_class, config or [])
     out = out or Path("runs") / arch
-    path = train(
-        arch,
-        out,
-        steps=steps,
-        seed=seed,
-        device=device,
-        overrides=overrides,
-        resume=resume,
-        progress=progress,
-        checkpoint_every=checkpoint_every,
-    )
+    with contextlib.ExitStack() as stack:
+        source = None
+        if init is not None:  # the CLI composes: exporters reads the source, the trainer trains
+            from exporters.source import open_source
+
+            source = stack.enter_context(open_source(Path(init)))
+        architecture, _ = get_architecture(source.arch.name if source else arch)
+        overrides = parse_overrides(architecture.config_class, config or [])
+        path = train(
+            arch,
+            out,
+            steps=steps,
+            seed=seed,
+            device=device,
+            overrides=overrides,
+            resume=resume,
+            progress=progress,
+            checkpoint_every=checkpoint_every,
+            init=source,
+        )
     metrics_path = path / "metrics.json"
     if os.environ.get("RANK", "0") == "0" and metrics_path.exists():  # rank 0 reports
         metrics = json.loads(metrics_path.read_text())
@@ -186,6 +201,30 @@ def export_cmd(
     )
     version_dir = formats[format].export(Path(checkpoint_dir), Path(repo), options)
     console.print(f"exported: {version_dir}")
+
+
+@app.command("convert")
+def convert_cmd(
+    checkpoint_dir: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR")],
+    to: Annotated[str, typer.Option("--to", help="Target format: hf (Hugging Face).")],
+    force: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+) -> None:
+    """Write a checkpoint as a Hugging Face directory that transformers loads (checked)."""
+    if to != "hf":
+        raise EngineError(f"--to {to!r}: the only target is hf (a Hugging Face directory)")
+    from exporters.hf.convert import convert_to_hf
+
+    report = convert_to_hf(Path(checkpoint_dir), Path(out_dir), force=force)
+    checked = (
+        f"greedy tokens identical on {report['prompts']} prompts"
+        if "prompts" in report
+        else f"labels identical, logits within {report['max_abs_logit_diff']:.1g} on "
+        f"{report['texts']} texts"
+    )
+    console.print(
+        f"converted: {report['path']} ({report['class']}; reloaded by transformers: {checked})"
+    )
 
 
 cli_runtime.register(app)
@@ -381,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except EngineError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+        # soft_wrap: the message stays one line whatever the terminal's width (greppable)
+        message = f"[bold red]error:[/bold red] {escape(str(exc))}"
+        err_console.print(message, highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")

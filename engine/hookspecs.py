@@ -29,3 +29,8 @@ def engine_register_export_formats() -> list[Any]:
 @hookspec
 def engine_register_backends() -> list[Any]:
     """Return the runtime Backend factories (e.g. onnxruntime, tensorrt) this plugin provides."""
+
+
+@hookspec
+def engine_register_hf_families() -> list[Any]:
+    """Return the HFFamily objects (a transformers class mapped onto an architecture) provided."""

@@ -22,6 +22,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.decoder_lm",
     "plugins.text_classifier",
     "plugins.gan_generator",
+    "plugins.bert_classifier",
     "exporters.onnx_format",
     "exporters.tensorrt_format",
     "exporters.torch_format",
@@ -157,3 +158,20 @@ def export_formats(pm: pluggy.PluginManager | None = None) -> dict[str, Any]:
 def backends(pm: pluggy.PluginManager | None = None) -> dict[str, Any]:
     """Map backend names to the Backend factories plugins registered."""
     return _collect("engine_register_backends", pm)
+
+
+def hf_families(pm: pluggy.PluginManager | None = None) -> dict[str, tuple[Any, PluginInfo]]:
+    """Map Hugging Face architecture names (``GPT2LMHeadModel``) to (family, providing plugin)."""
+    pm = pm or _cached_manager()
+    found: dict[str, tuple[Any, PluginInfo]] = {}
+    for impl in pm.hook.engine_register_hf_families.get_hookimpls():
+        info = plugin_info(pm, impl.plugin)
+        for family in impl.function() or []:
+            if family.hf_architecture in found:
+                other = found[family.hf_architecture][1].name
+                raise PluginLoadError(
+                    f"Hugging Face architecture {family.hf_architecture!r} claimed by {other} "
+                    f"and {info.name}"
+                )
+            found[family.hf_architecture] = (family, info)
+    return dict(sorted(found.items()))

@@ -1,4 +1,4 @@
-"""``engine export --format onnx``: checkpoint -> validated ONNX graphs -> a new repository version.
+"""``engine export --format onnx``: a loaded model -> validated ONNX graphs -> a repository version.
 
 Generic over architectures: the variants, their signatures, wrapped modules, example inputs and
 serving metadata all come from the Architecture. Stages: load, trace, optimize, (fp16), validate,
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,11 +20,11 @@ from exporters.base import ExportError, ExportOptions, copy_artifact
 from exporters.onnx_graph import DEFAULT_OPSET, graph_io, optimize, to_fp16, trace
 from exporters.progress import Stages
 from exporters.provenance import (
-    checkpoint_info,
     context_length,
     library_versions,
     manifest_header,
 )
+from exporters.source import ModelSource
 
 MAIN_FILE = "model.onnx"
 # Example sizes for tracing: distinct and >= 2 so torch.export keeps every axis symbolic.
@@ -65,27 +65,13 @@ def export_checkpoint(
     fmt: str = "onnx",
     post: PostBuild | None = None,
 ) -> Path:
-    """Load a checkpoint with ``engine.checkpoint.load`` and export it; return the version dir."""
-    from engine import checkpoint
+    """Load a checkpoint or a Hugging Face directory and export it; return the version dir."""
+    from exporters.source import open_source
 
-    with Stages(options.progress) as stages:
-        with stages.stage("load checkpoint"):
-            arch, config, model = checkpoint.load(ckpt_dir)
-            plugin_info, source = checkpoint_info(ckpt_dir, arch.name)
-        return export_model(
-            arch,
-            config,
-            model,
-            Path(ckpt_dir),
-            Path(repo),
-            options.name or arch.name,
-            options,
-            fmt=fmt,
-            post=post,
-            plugin=plugin_info,
-            checkpoint=source,
-            stages=stages,
-        )
+    with Stages(options.progress) as stages, contextlib.ExitStack() as stack:
+        with stages.stage("load model"):
+            source = stack.enter_context(open_source(Path(ckpt_dir)))
+        return export_source(source, Path(repo), options, fmt=fmt, post=post, stages=stages)
 
 
 def export_model(
@@ -103,66 +89,60 @@ def export_model(
     checkpoint: dict[str, Any] | None = None,
     stages: Stages | None = None,
 ) -> Path:
-    """Export an in-memory model as a new version of ``repo/name``; return the version dir."""
+    """Export an in-memory model as a new version of ``repo/name``; return the version dir.
+
+    ``ckpt_dir`` holds the artifacts the architecture reads (its tokenizer, labels).
+    """
+    source = ModelSource(arch, config, model, Path(ckpt_dir), plugin or {}, checkpoint or {}, name)
+    options = replace(options, name=name)
+    return export_source(source, Path(repo), options, fmt=fmt, post=post, stages=stages)
+
+
+def export_source(
+    source: ModelSource,
+    repo: Path,
+    options: ExportOptions,
+    *,
+    fmt: str = "onnx",
+    post: PostBuild | None = None,
+    stages: Stages | None = None,
+) -> Path:
+    """Export a loaded source as a new version of ``repo/<options.name or source.name>``.
+
+    The one path every source takes (checkpoint or Hugging Face directory); returns the version
+    directory. Nothing is left in ``repo`` when it fails.
+    """
     if stages is None:
         with Stages(options.progress) as own:
-            return export_model(
-                arch,
-                config,
-                model,
-                ckpt_dir,
-                repo,
-                name,
-                options,
-                fmt=fmt,
-                post=post,
-                plugin=plugin,
-                checkpoint=checkpoint,
-                stages=own,
-            )
+            return export_source(source, repo, options, fmt=fmt, post=post, stages=own)
     import torch
 
+    if options.validate and source.reference is not None:
+        source.reference.require()  # a missing transformers fails before minutes of tracing
     threads = torch.get_num_threads()
     # Export and validation run many small ops; on a busy machine torch's spinning intra-op
     # threads made a 2-layer model's decode step 200 ms instead of 1 ms. One thread is faster.
     torch.set_num_threads(1)
     try:
-        return _export(
-            arch,
-            config,
-            model,
-            Path(ckpt_dir),
-            Path(repo),
-            name,
-            options,
-            fmt,
-            post,
-            plugin,
-            checkpoint,
-            stages,
-        )
+        return _export(source, Path(repo), options, fmt, post, stages)
     finally:
         torch.set_num_threads(threads)
 
 
 def _export(
-    arch,
-    config,
-    model,
-    ckpt_dir: Path,
+    source: ModelSource,
     repo: Path,
-    name: str,
     options: ExportOptions,
     fmt: str,
     post: PostBuild | None,
-    plugin: dict | None,
-    checkpoint: dict | None,
     stages: Stages,
 ) -> Path:
     from exporters.validate import validate_export
 
+    arch, config, model, ckpt_dir = source.arch, source.config, source.model, source.artifacts_dir
+    name = options.name or source.name
     opset = options.opset or DEFAULT_OPSET
-    serving = arch.serving_metadata(config, Path(ckpt_dir))
+    serving = arch.serving_metadata(config, ckpt_dir)
     max_seq = options.max_seq or context_length(serving)
     model.eval()
     with staged_version(repo, name, options.force) as (tmp, version):
@@ -188,7 +168,14 @@ def _export(
         if options.validate:
             paths = {variant: tmp / g["file"] for variant, g in graphs.items()}
             validation = validate_export(
-                arch, config, model, Path(ckpt_dir), paths, fp16=options.fp16, stages=stages
+                arch,
+                config,
+                model,
+                ckpt_dir,
+                paths,
+                fp16=options.fp16,
+                stages=stages,
+                reference=source.reference,
             )
         else:
             validation = {"validated": False, "reason": "skipped with --no-validate"}
@@ -199,8 +186,11 @@ def _export(
             )
         with stages.stage("write"):
             libraries = library_versions(*(["tensorrt"] if post is not None else []))
+            header = manifest_header(
+                name, version, fmt, arch, source.plugin, source.provenance, libraries
+            )
             manifest = Manifest(
-                **manifest_header(name, version, fmt, arch, plugin, checkpoint, libraries),
+                **header,
                 precision="fp16" if options.fp16 else "fp32",
                 export_options=asdict(options),
                 max_seq=max_seq,

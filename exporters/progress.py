@@ -32,8 +32,10 @@ class Stages:
             self._progress.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
         if self._progress is not None:
+            if exc_type is not None:  # the error message says what failed: leave only it
+                self._progress.live.transient = True
             self._progress.stop()
 
     @contextlib.contextmanager

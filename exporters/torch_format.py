@@ -12,7 +12,7 @@ Importing this module imports no torch; ``export`` loads it when it runs.
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,22 +39,15 @@ class TorchFormat(ExportFormat):
         concern graphs and are ignored. ``validate`` reloads the written weights and checks
         they are bitwise the ones exported.
         """
-        from engine import checkpoint
         from exporters.progress import Stages
+        from exporters.source import open_source
 
-        with Stages(options.progress) as stages:
-            with stages.stage("load checkpoint"):
-                arch, config, model = checkpoint.load(Path(ckpt_dir))
-            _check_servable(arch, model)
-            return _write_version(
-                arch,
-                config,
-                model,
-                Path(ckpt_dir),
-                Path(repo) / (options.name or arch.name),
-                stages,
-                options,
-            )
+        with Stages(options.progress) as stages, contextlib.ExitStack() as stack:
+            with stages.stage("load model"):
+                source = stack.enter_context(open_source(Path(ckpt_dir)))
+            _check_servable(source.arch, source.model)
+            name = options.name or source.name
+            return _write_version(source, Path(repo) / name, stages, options)
 
 
 def _check_servable(arch: Any, model: Any) -> None:
@@ -71,29 +64,18 @@ def _check_servable(arch: Any, model: Any) -> None:
         )
 
 
-def _write_version(
-    arch: Any,
-    config: Any,
-    model: Any,
-    ckpt_dir: Path,
-    model_dir: Path,
-    stages: Any,
-    options: ExportOptions,
-) -> Path:
+def _write_version(source: Any, model_dir: Path, stages: Any, options: ExportOptions) -> Path:
     import torch
     from safetensors.torch import save_model
 
+    from engine.atomic import write_json
+    from engine.configs import config_to_dict
     from engine.repository import Manifest, staged_version, write_manifest
     from exporters.base import copy_artifact
-    from exporters.provenance import (
-        checkpoint_info,
-        context_length,
-        library_versions,
-        manifest_header,
-    )
+    from exporters.provenance import context_length, library_versions, manifest_header
 
+    arch, config, model, ckpt_dir = source.arch, source.config, source.model, source.artifacts_dir
     serving = arch.serving_metadata(config, ckpt_dir)
-    plugin, source = checkpoint_info(ckpt_dir, arch.name)
     name = model_dir.name
     with staged_version(model_dir.parent, name, options.force) as (tmp, version):
         for src in arch.artifact_files(ckpt_dir):  # first: a missing tokenizer fails fast
@@ -102,15 +84,28 @@ def _write_version(
             if options.fp16:
                 model.to(torch.float16)
             save_model(model, str(tmp / WEIGHTS))  # de-duplicates tied weights
-            shutil.copy2(ckpt_dir / CONFIG, tmp / CONFIG)
+            # the checkpoint's config.json form, so engine.checkpoint.load opens the version
+            write_json(
+                tmp / CONFIG,
+                {
+                    "architecture": arch.name,
+                    "task": arch.task,
+                    "plugin": source.plugin.get("name", "?"),
+                    "plugin_version": source.plugin.get("version", "?"),
+                    "step": source.provenance.get("step", 0),
+                    "seed": source.provenance.get("seed", 0),
+                    "config": config_to_dict(config),
+                },
+            )
         validation: dict[str, Any] = {"validated": False, "reason": "skipped with --no-validate"}
         if options.validate:
             with stages.stage("validate"):
                 validation = _reload_matches(tmp, model)
         with stages.stage("write"):
+            libraries = library_versions("safetensors")
             manifest = Manifest(
                 **manifest_header(
-                    name, version, FORMAT, arch, plugin, source, library_versions("safetensors")
+                    name, version, FORMAT, arch, source.plugin, source.provenance, libraries
                 ),
                 precision="fp16" if options.fp16 else "fp32",
                 export_options=asdict(options),

@@ -325,8 +325,13 @@ def validate_export(
     paths: dict[str, Path],
     fp16: bool,
     stages: Stages | None = None,
+    reference: Any = None,
 ) -> dict[str, Any]:
-    """Run all checks on every exported graph; return the manifest's validation section."""
+    """Run all checks on every exported graph; return the manifest's validation section.
+
+    ``reference`` (an imported model's original implementation, e.g. transformers) checks the
+    graphs once more against it, task by task, and its figures go under ``reference``.
+    """
     stages = stages or Stages(show=False)
     graphs: dict[str, dict] = {}
     report: dict[str, Any] = {
@@ -359,4 +364,7 @@ def validate_export(
         )
     with stages.stage(f"validate {arch.task}"):
         report["task"] = {"task": arch.task, **check(arch, config, ckpt_dir, graphs, fp16)}
+    if reference is not None:
+        with stages.stage(f"validate against {reference.name}"):
+            report["reference"] = reference.check(arch, config, ckpt_dir, graphs, fp16)
     return report

@@ -311,22 +311,49 @@ class GPT(nn.Module):
         return self._head(x)
 
 
+# HF's ``Conv1D`` stores these weights as (in, out), the transpose of ``nn.Linear``.
+CONV1D_WEIGHTS = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
+# Buffers older GPT-2 checkpoints save (the causal mask); this model builds its mask per call.
+GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
 def to_gpt2_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map this model's state dict onto Hugging Face ``GPT2LMHeadModel`` parameter names.
 
-    Names are already GPT-2's; HF's ``Conv1D`` stores weights as (in, out), the transpose of
-    ``nn.Linear``, so the four projection weights are transposed. A state dict whose tied
-    ``lm_head.weight`` was de-duplicated away gets it back from ``transformer.wte.weight``.
+    Names are already GPT-2's; the four projection weights are transposed (``Conv1D``). A state
+    dict that kept only one of the tied ``lm_head.weight`` / ``transformer.wte.weight`` (a saved
+    checkpoint keeps one) gets the other back.
     """
-    transposed = (
-        "attn.c_attn.weight",
-        "attn.c_proj.weight",
-        "mlp.c_fc.weight",
-        "mlp.c_proj.weight",
-    )
     out = {}
     for name, t in state_dict.items():
-        out[name] = t.t().contiguous() if name.endswith(transposed) else t
-    out.setdefault("lm_head.weight", out["transformer.wte.weight"])
-    out.setdefault("transformer.wte.weight", out["lm_head.weight"])
+        out[name] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t
+    # not setdefault: it evaluates its default first, a KeyError when only one name was saved
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    if "transformer.wte.weight" not in out:
+        out["transformer.wte.weight"] = out["lm_head.weight"]
+    return out
+
+
+def from_gpt2_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face ``GPT2LMHeadModel`` (or ``GPT2Model``) state dict onto this model's.
+
+    The inverse of :func:`to_gpt2_state_dict`: projection weights transposed back, the causal
+    mask buffers dropped, a bare ``GPT2Model``'s names given the ``transformer.`` prefix, and the
+    tied head taken from the token embedding.
+    """
+    out = {}
+    for name, t in state_dict.items():
+        if name.endswith(GPT2_BUFFERS):
+            continue
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = f"transformer.{name}"
+        out[name] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t
+    if "transformer.wte.weight" in out:  # tied: the embedding is the head (as GPT-2 ties them)
+        out["lm_head.weight"] = out["transformer.wte.weight"]
     return out

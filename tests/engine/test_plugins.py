@@ -100,3 +100,43 @@ def test_serving_side_plugin_loading_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_hugging_face_families_register_through_their_hook(monkeypatch, tmp_path):
+    """A family is one module implementing engine_register_hf_families(): nothing in engine/."""
+    import json
+    import sys
+    import types
+
+    from engine.hf_family import HFFamily
+    from engine.plugins import hf_families
+    from exporters.hf.source import find_family
+
+    found = hf_families(get_plugin_manager())
+    assert found["GPT2LMHeadModel"][0].architecture == "decoder-lm"
+    assert found["BertForSequenceClassification"][0].architecture == "bert-classifier"
+    assert found["DistilBertForSequenceClassification"][0].architecture == "bert-classifier"
+
+    class ToyFamily(HFFamily):
+        hf_architecture, model_type, architecture = "ToyForRegression", "toy", "toy-regression"
+        auto_class = "AutoModel"
+        unsupported = config_from_hf = weights_from_hf = write_artifacts = None
+
+    mod = types.ModuleType("toy_family")
+
+    @hookimpl
+    def engine_register_hf_families():
+        return [ToyFamily()]
+
+    mod.engine_register_hf_families = engine_register_hf_families
+    monkeypatch.setitem(sys.modules, "toy_family", mod)
+    monkeypatch.setenv("ENGINE_PLUGINS", "tests.toy_plugin,toy_family")
+    family, info = find_family({"architectures": ["ToyForRegression"]}, tmp_path)
+    assert isinstance(family, ToyFamily) and info.source == "ENGINE_PLUGINS"
+    with pytest.raises(PluginLoadError, match="claimed by"):  # a second claim is refused
+        monkeypatch.setenv("ENGINE_PLUGINS", "tests.toy_plugin,toy_family,dup_family")
+        dup = types.ModuleType("dup_family")
+        dup.engine_register_hf_families = engine_register_hf_families
+        monkeypatch.setitem(sys.modules, "dup_family", dup)
+        hf_families(get_plugin_manager())
+    assert json.dumps(sorted(found))  # the built-in list is plain names
