@@ -124,8 +124,17 @@ def train(
     resume: bool = False,
     progress: bool = True,
     checkpoint_every: int | None = None,
+    init: Any = None,
 ) -> Path:
-    """Train ``arch_name`` and write a checkpoint to ``out_dir``; return the checkpoint path."""
+    """Train ``arch_name`` and write a checkpoint to ``out_dir``; return the checkpoint path.
+
+    ``init`` (a loaded model: ``arch``, ``config``, ``model``, ``artifacts_dir``,
+    ``provenance``, as ``exporters.source.open_source`` gives) starts from its weights, config
+    and tokenizer instead of a random init: continued pretraining, or fine-tuning when its
+    architecture trains as ``arch_name`` (``Architecture.trains_as``). ``overrides`` apply on
+    top of its config; tensors whose shape they change (a classifier head for other labels)
+    start fresh and are listed in ``config.json``'s ``init``.
+    """
     import torch
 
     from engine.plugins import get_architecture
@@ -134,7 +143,14 @@ def train(
     arch, plugin = get_architecture(arch_name)
     dev = resolve_device(device)
     start_step, state = 0, None
-    if resume:
+    if init is not None:
+        if resume:
+            raise EngineError("--init starts a new run; --resume continues one: pick one")
+        arch, plugin = _init_architecture(arch_name, init)
+        config = make_config(
+            arch.config_class, {**dataclasses.asdict(init.config), **(overrides or {})}
+        )
+    elif resume:
         meta = checkpoint.read_meta(out_dir)
         if meta.architecture != arch_name:
             raise checkpoint.CheckpointError(
@@ -154,8 +170,11 @@ def train(
 
     dist = _Distributed(dev)
     seed_everything(seed)
-    data = arch.load_data(config, cache_dir(), out_dir if resume else None)
-    model = arch.build_model(config).to(dev)
+    artifacts = init.artifacts_dir if init is not None else (out_dir if resume else None)
+    data = arch.load_data(config, cache_dir(), artifacts)
+    model = arch.build_model(config)
+    init_record = _load_init(model, init) if init is not None else None
+    model = model.to(dev)
     optimizers = arch.configure_optimizers(model, config)
     if state is not None:
         _, _, loaded = checkpoint.load(out_dir, device=str(dev))
@@ -180,7 +199,11 @@ def train(
             seed=seed,
             metrics=metrics,
             trainer_state=trainer_state,
-            extra={"world_size": dist.world_size, "device": dev.type},
+            extra={
+                "world_size": dist.world_size,
+                "device": dev.type,
+                **({"init": init_record} if init_record else {}),
+            },
         )
 
     is_main = dist.rank == 0
@@ -232,3 +255,31 @@ def train(
     finally:
         dist.close()
     return out_dir
+
+
+def _init_architecture(arch_name: str, init: Any) -> tuple[Any, Any]:
+    """The architecture that trains from ``init``: its own, if it is or trains as ``arch_name``."""
+    from engine.plugins import get_architecture
+
+    source = init.arch
+    if source.name != arch_name and arch_name not in getattr(source, "trains_as", ()):
+        names = " or ".join([source.name, *getattr(source, "trains_as", ())])
+        raise EngineError(
+            f"--init holds a {source.name} model, which `engine train {arch_name}` cannot start "
+            f"from; train it as {names}"
+        )
+    return get_architecture(source.name)
+
+
+def _load_init(model: Any, init: Any) -> dict[str, Any]:
+    """Copy ``init``'s weights into ``model`` where names and shapes agree; say what did not."""
+    theirs = init.model.state_dict()
+    ours = model.state_dict()
+    fresh = sorted(k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape)
+    model.load_state_dict({k: v for k, v in theirs.items() if k not in fresh}, strict=False)
+    return {
+        "from": init.provenance.get("path"),
+        "source": init.provenance.get("source", "checkpoint"),
+        "architecture": init.arch.name,
+        "fresh_tensors": fresh,  # not taken from the source (their shape changed)
+    }

@@ -44,6 +44,53 @@ class _BatchedEngine:
         self.model.close()
 
 
+TYPE_IDS = "token_type_ids"  # BERT's segment ids; fed to graphs that declare the input
+
+
+def prepare_tokenizer(tokenizer: Any, max_length: int, cls_id: int | None) -> None:
+    """Set a classifier tokenizer's truncation so every encoding fits ``max_length`` ids.
+
+    With ``cls_id`` the engine prepends [CLS] itself, so the text keeps ``max_length - 1`` ids.
+    Without it the tokenizer's own post-processor adds the special tokens (a Hugging Face BERT
+    tokenizer adds [CLS] ... [SEP]) and ``tokenizers`` truncates the text around them, keeping
+    the final [SEP] - what transformers' ``tokenizer(text, truncation=True)`` gives. Padding
+    is the engine's (to the longest row of a batch), never the tokenizer's.
+    """
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length - (0 if cls_id is None else 1))
+
+
+def encode_texts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    pad_id: int,
+    cls_id: int | None = None,
+    type_ids: bool = False,
+) -> Arrays:
+    """``input_ids`` and ``attention_mask`` (and ``token_type_ids``) for a classifier.
+
+    Rows are ``[CLS] + ids`` when ``cls_id`` is given, else what the tokenizer's post-processor
+    makes; truncated as :func:`prepare_tokenizer` set; right-padded with ``pad_id``.
+    """
+    encodings = tokenizer.encode_batch(list(texts))
+    head = [] if cls_id is None else [int(cls_id)]
+    rows = [head + enc.ids for enc in encodings]
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    segments = np.zeros((len(rows), width), np.int64)
+    for i, (r, enc) in enumerate(zip(rows, encodings)):
+        ids[i, : len(r)] = r
+        segments[i, len(head) : len(r)] = enc.type_ids
+    lengths = np.array([len(r) for r in rows])
+    out = {
+        "input_ids": ids,
+        "attention_mask": (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64),
+    }
+    if type_ids:
+        out[TYPE_IDS] = segments
+    return out
+
+
 @dataclass
 class Classification:
     """One text's predicted label and the top labels with their probabilities."""
@@ -68,20 +115,12 @@ class ClassifierEngine(_BatchedEngine):
         self.pad_id = int(serving["pad_token_id"])
         self.cls_id = serving.get("cls_token_id")
         self.tokenizer = Tokenizer.from_file(str(model.path / serving["tokenizer"]))
+        prepare_tokenizer(self.tokenizer, self.max_length, self.cls_id)
+        self.type_ids = TYPE_IDS in getattr(backend, "input_names", ())
 
     def encode(self, texts: Sequence[str]) -> Arrays:
-        """``[CLS] + ids`` truncated to the model's length, right-padded to the longest row."""
-        rows = []
-        head = [] if self.cls_id is None else [int(self.cls_id)]
-        for enc in self.tokenizer.encode_batch(list(texts)):
-            rows.append((head + enc.ids)[: self.max_length])
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.pad_id, np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-        lengths = np.array([len(r) for r in rows])
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        return {"input_ids": ids, "attention_mask": mask}
+        """Token ids (see :func:`encode_texts`), right-padded to the longest row."""
+        return encode_texts(self.tokenizer, texts, self.pad_id, self.cls_id, self.type_ids)
 
     def _collate(self, parts: list[Arrays]) -> Arrays:
         width = max(p["input_ids"].shape[1] for p in parts)
@@ -89,10 +128,8 @@ class ClassifierEngine(_BatchedEngine):
         def pad(a: np.ndarray, value: int) -> np.ndarray:
             return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
 
-        return {
-            "input_ids": np.concatenate([pad(p["input_ids"], self.pad_id) for p in parts]),
-            "attention_mask": np.concatenate([pad(p["attention_mask"], 0) for p in parts]),
-        }
+        fill = {"input_ids": self.pad_id}  # attention_mask and token_type_ids pad with 0
+        return {k: np.concatenate([pad(p[k], fill.get(k, 0)) for p in parts]) for k in parts[0]}
 
     async def classify(self, texts: str | Sequence[str], top_k: int = 5) -> list[Classification]:
         """Classify one text or many; each gets its label and top-``top_k`` probabilities."""

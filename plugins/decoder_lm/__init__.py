@@ -9,3 +9,11 @@ def engine_register_architectures():
     from plugins.decoder_lm.arch import DecoderLM
 
     return [DecoderLM()]
+
+
+@hookimpl
+def engine_register_hf_families():
+    """Register Hugging Face GPT2LMHeadModel as a decoder LM (import and convert)."""
+    from plugins.decoder_lm.hf import GPT2Family
+
+    return [GPT2Family()]

@@ -281,6 +281,8 @@ class DecoderLM(Architecture):
         if path.exists():
             tokenizer = lm_data.load_tokenizer(path)
             eos_id, pad_id = tokenizer.token_to_id(EOT), tokenizer.token_to_id(PAD)
+            if pad_id is None:  # GPT-2's tokenizer has no pad token: pad with end-of-text
+                pad_id = eos_id
         return {
             "n_layer": config.n_layer,
             "n_head": config.n_head,

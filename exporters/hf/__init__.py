@@ -1,0 +1,1 @@
+"""Hugging Face import (source.py), validation against transformers (reference.py), convert."""
