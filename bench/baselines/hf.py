@@ -36,9 +36,11 @@ def require_transformers() -> None:
 def find_weights(repo: Path | None, model: str | None, checkpoint: Path | None = None) -> Path:
     """The newest torch-format version of ``model`` in ``repo``, else ``checkpoint``.
 
-    Both hold ``model.safetensors`` and the checkpoint's ``config.json``. A version's files are
-    checked against its manifest; it comes first because the checkpoint a manifest names may
-    since have been retrained or moved.
+    A version and an engine checkpoint hold ``model.safetensors`` and the engine's
+    ``config.json``; ``checkpoint`` may also be the Hugging Face directory a model was imported
+    from (the manifest records it), which then loads as it is. A version's files are checked
+    against its manifest; it comes first because the checkpoint a manifest names may since have
+    been retrained or moved.
     """
     from engine.repository import read_manifest, verify_files, versions
 
@@ -58,13 +60,22 @@ def find_weights(repo: Path | None, model: str | None, checkpoint: Path | None =
 
 
 def load_gpt2(weights: Path, device: str = "cpu", dtype: Any = None) -> tuple[Any, int]:
-    """Build ``GPT2LMHeadModel`` from our weights in ``weights``; return it and the pad id."""
+    """``GPT2LMHeadModel`` for ``weights`` (ours, or a Hugging Face directory); model, pad id."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from engine import checkpoint
+    from exporters.source import source_kind
     from plugins.decoder_lm.model import to_gpt2_state_dict
 
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    if source_kind(weights) == "huggingface":  # the directory an export was imported from
+        hf = GPT2LMHeadModel.from_pretrained(str(weights), dtype=dtype)
+        eos = hf.config.eos_token_id
+        pad_id = int(hf.config.pad_token_id if hf.config.pad_token_id is not None else eos or 0)
+        hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = pad_id
+        return hf.to(device=device).eval(), pad_id
     arch, config, ours = checkpoint.load(weights)
     serving = arch.serving_metadata(config, weights)
     pad_id = int(serving.get("pad_token_id", 0))
@@ -93,7 +104,6 @@ def load_gpt2(weights: Path, device: str = "cpu", dtype: Any = None) -> tuple[An
         )
     hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = pad_id
-    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     return hf.to(device=device, dtype=dtype).eval(), pad_id
 
 
