@@ -204,6 +204,7 @@ def export_cmd(
 
 
 @app.command("convert")
+@needs("train", "`engine convert`")
 def convert_cmd(
     checkpoint_dir: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR")],

@@ -1,7 +1,8 @@
 """Optional parts of the install (pyproject extras) and the error for a missing one.
 
 The base install serves ONNX models; training and export need the ``train`` extra (torch and
-friends), scale-out needs ``ray``. A command that reaches a module of a missing extra fails with
+friends), scale-out needs ``ray``, checking a Hugging Face import or conversion against
+transformers needs ``hf``. A command that reaches a module of a missing extra fails with
 one line naming the extra to install, instead of a ModuleNotFoundError traceback.
 """
 
@@ -15,12 +16,14 @@ from engine.errors import EngineError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "safetensors", "sklearn", "onnx", "onnxscript", "PIL"),
     "ray": ("ray", "starlette", "fastapi"),
+    "hf": ("transformers",),
 }
 # torch first, from its pinned CPU build: a bare torch requirement would pull CUDA.
 _INSTALL = {
     "train": "pip install torch==2.13.0 && pip install 'edge-engine[train]' "
     "(from a clone: pip install -e '.[train]')",
     "ray": "pip install 'edge-engine[ray]' (from a clone: pip install -e '.[ray]')",
+    "hf": "pip install 'edge-engine[hf]' (from a clone: pip install -e '.[hf]')",
 }
 
 

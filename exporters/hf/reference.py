@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from engine.errors import EngineError
+from engine.extras import missing_extra
 from engine.hf_family import HFFamily
 from exporters.base import AgreementTooLow, GreedyMismatch, LabelMismatch, ValuesMismatch
 
-INSTALL = "pip install -e '.[hf]'"
 GREEDY_TOKENS = 64
 FP16_MIN_TOP1 = 0.99
 FP16_MIN_LABEL_AGREEMENT = 0.995
@@ -62,18 +62,12 @@ SENTENCES = (  # plain, cased, punctuated, accented, CJK, numbers: what a tokeni
 )
 
 
-class TransformersMissing(EngineError):
-    """transformers is not installed, so an import cannot be validated against it."""
-
-
 def require_transformers(why: str) -> Any:
-    """Import transformers or raise :class:`TransformersMissing` saying how to install it."""
+    """Import transformers or raise the missing-extra error saying how to install it."""
     try:
         import transformers
-    except ImportError as exc:
-        raise TransformersMissing(
-            f"{why} needs transformers, which is not installed ({exc}): {INSTALL}"
-        ) from None
+    except ImportError:
+        raise missing_extra(why, "hf", "transformers") from None
     transformers.logging.set_verbosity_error()  # our progress display is the one shown
     transformers.utils.logging.disable_progress_bar()
     return transformers
@@ -102,7 +96,7 @@ class TransformersReference:
     def require(self) -> None:
         """Fail now, with the pip command, if transformers is missing."""
         require_transformers(
-            f"validating the import of {self.path} (or pass --no-validate to skip validation)"
+            f"checking {self.path.name} against transformers (--no-validate skips it)"
         )
 
     def model(self) -> Any:

@@ -69,3 +69,26 @@ def test_a_checkpoint_loads_the_same_weights_and_onnx_alone_is_refused(
     assert direct.generate(prompts, 3)[0].tolist() == hf.generate(prompts, 3)[0].tolist()
     with pytest.raises(Unavailable, match="--format torch"):
         HFGenerate(lm_repo, MODEL)
+
+
+def test_an_imported_gpt2_is_benchmarked_against_hf_on_its_own_dir(hf_repo, hf_gpt2, tmp_path):
+    """`engine bench run` on an imported GPT-2: the hf baseline loads the directory it came
+    from (the manifest records it) and makes the served model's greedy tokens."""
+    import json
+
+    from tests.conftest import run_cli
+
+    quick = ["--num-prompts", "4", "--input-len", "8", "--output-len", "6", "--threads", "1"]
+    args = ["bench", "run", "--repo", str(hf_repo), "--model", "gpt2", "--concurrency", "1,2"]
+    result = run_cli(
+        *args, "--baselines", "grpc,hf", *quick, "--out", str(tmp_path), "--no-progress",
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    runs = {(r["label"], r["concurrency"]): r for r in report["runs"]}
+    assert set(runs) == {(b, c) for b in ("grpc", "hf") for c in (1, 2)}
+    for c in (1, 2):
+        assert runs[("hf", c)]["same_tokens"]["identical"] == 4, runs[("hf", c)]
+    baselines = json.dumps(report)
+    assert str(hf_gpt2.resolve()) in baselines  # the weights hf loaded: the directory itself

@@ -126,7 +126,7 @@ def test_without_transformers_validation_says_how_to_install_it(
 ):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
     code, err = _export(capsys, hf_gpt2, tmp_path / "repo")
-    assert code == 2 and "needs transformers" in err and "pip install" in err, err
+    assert code == 2 and "needs the 'hf' extra" in err and "pip install" in err, err
     assert "--no-validate" in err and not (tmp_path / "repo").exists()
 
 
