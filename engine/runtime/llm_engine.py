@@ -9,6 +9,7 @@ Loading never imports torch unless the version is in the torch format.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,11 @@ class LLMEngine:
         self._slots: dict[str, int] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        # The async front steps in its own thread while callers add and abort requests: the
+        # lock guards the scheduler and outputs (held for scheduling and updating, not while the
+        # graph runs); the step lock keeps two steps from ever overlapping.
+        self._lock = threading.Lock()
+        self._step_lock = threading.Lock()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -136,15 +142,26 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         ids = self.encode(prompt)
         request = Request(request_id, ids, params, eos_token_id=self.eos_token_id)
-        self.scheduler.add_request(request)
-        self.outputs.add(request)
+        with self._lock:
+            self.scheduler.add_request(request)
+            self.outputs.add(request)
         return request_id
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its memory is freed now and its stream ends with ``abort``."""
-        request = self.scheduler.abort(request_id)
-        if request is not None:
-            self.front.emit([self.outputs.finished_output(request)])
+        with self._lock:
+            request = self.scheduler.abort(request_id)
+            if request is None:
+                return
+            out = self.outputs.finished_output(request)
+        self.front.emit([out])
+
+    def drop_all(self) -> None:
+        """End every unfinished request without an output (the caller says why); frees memory."""
+        with self._lock:
+            for request_id in list(self.scheduler.requests):
+                self.scheduler.abort(request_id)
+                self.outputs.discard(request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -153,11 +170,19 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute and update once; return the outputs of the requests that moved."""
-        out, slots = self._schedule()
-        if out is None:
-            return []
-        return self._update(out, self.runner.execute(out, slots))
+        """Schedule, execute and update once; return the outputs of the requests that moved.
+
+        Safe to call while other threads add or abort requests: a request aborted while the
+        graph runs gets no output from this step.
+        """
+        with self._step_lock:
+            with self._lock:
+                out, slots = self._schedule()
+            if out is None:
+                return []
+            sampled = self.runner.execute(out, slots)  # the GIL is released while a graph runs
+            with self._lock:
+                return self._update(out, sampled)
 
     def _schedule(self) -> tuple[SchedulerOutput | None, np.ndarray]:
         out = self.scheduler.schedule()
@@ -223,7 +248,8 @@ class LLMEngine:
         }
 
     def close(self) -> None:
-        """Release the graph (or the torch runner's memory)."""
+        """Stop the step thread and release the graph (or the torch runner's memory)."""
+        self.front.close()
         release = getattr(self.runner, "close", None)
         if release is not None:
             release()

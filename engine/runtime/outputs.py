@@ -157,6 +157,10 @@ class OutputProcessor:
             logprobs,
         )
 
+    def discard(self, request_id: str) -> None:
+        """Forget a request that ends without a last output."""
+        self._detok.pop(request_id, None)
+
     def finished_output(self, r: Request) -> RequestOutput:
         """The last output of a request ended from outside (an abort): no new tokens."""
         detok = self._detok.pop(r.request_id, None)

@@ -119,8 +119,7 @@ def test_a_consumer_that_falls_behind_gets_the_backlog_merged_into_fewer_outputs
         outs = []
         async for o in engine.generate("def add(a, b):", GREEDY):
             outs.append(o)
-            for _ in range(5):  # the engine steps meanwhile; outputs pile up in the queue
-                await asyncio.sleep(0)
+            await asyncio.sleep(0.02)  # the engine steps meanwhile; outputs pile up
         return outs
 
     outs = asyncio.run(collect_slowly())
@@ -154,8 +153,36 @@ def test_abort_and_leaving_a_stream_early_free_memory_at_once(engine, prompts):
         return seen
 
     seen = asyncio.run(scenario())
+    # The engine steps in its own thread: tokens made before the abort landed still arrive,
+    # merged into the last output, and none after it.
     assert seen[-1].finished and seen[-1].finish_reason == "abort"
-    assert len(seen) == 4 and seen[-1].usage.completion_tokens == 3
+    assert len(seen) == 4 and not any(o.finished for o in seen[:3])
+    tokens = [t for o in seen for t in o.delta_token_ids]
+    assert tokens == seen[-1].token_ids and 3 <= seen[-1].usage.completion_tokens < 60
+    assert not engine.has_unfinished and engine.kv_stats().used_blocks == 0
+
+
+def test_a_failing_step_fails_every_stream_instead_of_hanging_them(lm_repo, prompts):
+    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig(max_num_seqs=4))
+    execute = engine.runner.execute
+    calls = []
+
+    def fail_on_the_third_step(out, slots):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the graph failed")
+        return execute(out, slots)
+
+    engine.runner.execute = fail_on_the_third_step
+
+    async def stream(prompt):
+        return [o async for o in engine.generate(prompt, GREEDY)]
+
+    async def both():
+        return await asyncio.gather(*(stream(p) for p in prompts[:2]), return_exceptions=True)
+
+    results = asyncio.run(asyncio.wait_for(both(), 60))
+    assert all(isinstance(r, RuntimeError) and "graph failed" in str(r) for r in results)
     assert not engine.has_unfinished and engine.kv_stats().used_blocks == 0
 
 
