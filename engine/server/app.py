@@ -2,8 +2,9 @@
 
 :class:`EngineServer` is the async object (tests start several on free ports); ``serve`` in
 ``engine.server.cli_commands`` wraps it for the command line. On SIGTERM (or SIGINT) the server
-reports NOT_SERVING, stops taking calls, lets in-flight ones finish for ``grace`` seconds,
-cancels the rest (their generations are aborted) and returns, so the process exits 0.
+reports NOT_SERVING, answers new calls UNAVAILABLE (clients retry elsewhere), lets in-flight
+ones finish for ``grace`` seconds, ends the rest with UNAVAILABLE (their generations are
+aborted) and returns, so the process exits 0.
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ class EngineServer:
             ("grpc.max_receive_message_length", 4 * cfg.limits.max_message_bytes),
             ("grpc.max_send_message_length", _SEND_LIMIT),
             ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing
+            ("grpc.server.max_pending_requests", 8192),
+            ("grpc.server.max_pending_requests_hard_limit", 16384),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         _add_service(
@@ -196,14 +199,25 @@ class EngineServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, wait ``grace`` s for in-flight ones, close."""
+        """Drain: NOT_SERVING, refuse new calls, wait ``grace`` s for in-flight ones, close.
+
+        New calls get UNAVAILABLE from our handlers while the port stays open, so a call a
+        client sent just before the signal is answered rather than dropped by the transport;
+        calls still running at the deadline end with UNAVAILABLE too.
+        """
         if self._server is None:
             return
+        loop = asyncio.get_running_loop()
         grace = self.config.grace if grace is None else grace
+        deadline = loop.time() + grace
         logs.log("server draining", grace_s=grace)
         self.kserve.draining = True
         await self._set_health("NOT_SERVING")
-        await self._server.stop(grace)
+        if not await self.serving.drain(grace):
+            logs.log("grace period over: ending the calls still running with UNAVAILABLE")
+            await self.serving.cut()
+        # What our handlers do not track (KServe streams) gets the rest of the grace period.
+        await self._server.stop(max(0.0, deadline - loop.time()))
         self._server = None
         for model in self.models:
             await model.close()

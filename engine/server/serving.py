@@ -3,6 +3,10 @@
 A servicer turns protobuf into plain values, calls :class:`Serving` inside :meth:`Serving.rpc`,
 and turns the result back into protobuf. Every failure leaves ``rpc`` as a gRPC status; a
 cancelled call (client gone, deadline passed) aborts its generation so the KV memory is freed.
+
+Shutdown: once :meth:`Serving.drain` starts, every new request is refused with UNAVAILABLE
+(clients retry elsewhere) and in-flight ones may finish; :meth:`Serving.cut` ends the ones
+still running with UNAVAILABLE as well. No request is ever left with a bare CANCELLED.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 
 from engine.server import logs
 from engine.server.admission import AdmissionQueue
-from engine.server.errors import invalid, status_of
+from engine.server.errors import invalid, status_of, unavailable
 from engine.server.metrics import ServerMetrics
 from engine.server.models import Chunk, ModelSet, ServedModel
 
@@ -98,6 +102,11 @@ class Serving:
             for name in models.names()
         }
         self._ids = itertools.count()
+        self.draining = False  # set at shutdown: new requests get UNAVAILABLE
+        self._in_flight: set[asyncio.Task] = set()  # handlers of admitted RPCs
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._cut = False
         for model in models:
             name = model.card.name
             metrics.watch(name, self._gauges_reader(name), kv=model.card.task == "generate")
@@ -134,17 +143,63 @@ class Serving:
         """A unique runtime id: callers may reuse their ids, the runtime may not."""
         return f"{request_id}#{next(self._ids)}"
 
+    # -- shutdown -------------------------------------------------------------------------------
+    def check_open(self) -> None:
+        """Refuse with UNAVAILABLE once the server drains (a client retries another replica)."""
+        if self.draining:
+            raise unavailable("the server is shutting down; retry on another replica")
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests; wait up to ``timeout`` s for in-flight ones. True if all ended."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def cut(self) -> None:
+        """End every in-flight request now with UNAVAILABLE (their generations are aborted)."""
+        self.draining = self._cut = True
+        tasks = list(self._in_flight)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _track(self) -> asyncio.Task | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+            self._idle.clear()
+        return task
+
+    def _untrack(self, task: asyncio.Task | None) -> None:
+        self._in_flight.discard(task)
+        if not self._in_flight:
+            self._idle.set()
+
+    # -- bookkeeping (continued) ------------------------------------------------------------------
     @asynccontextmanager
     async def rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
         """Run one RPC's body: failures become statuses; metrics and a log line at the end."""
         call = Call(method=method, request_id=uuid.uuid4().hex)
+        task = None
         try:
+            self.check_open()
+            task = self._track()
             yield call
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            call.status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
-            raise
+            if not self._cut:
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                call.status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+                raise
+            call.status = "UNAVAILABLE"  # cut at shutdown: tell the client to go elsewhere
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server shut down before this request finished; retry on another replica",
+                trailing_metadata=self._trailer(call),
+            )
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -157,6 +212,7 @@ class Serving:
         else:
             context.set_trailing_metadata(self._trailer(call))
         finally:
+            self._untrack(task)
             self.metrics.requests.labels(call.model, method, call.status).inc()
             if call.status == "OK" and call.model:
                 self.metrics.e2e.labels(call.model, method).observe(
@@ -193,6 +249,7 @@ class Serving:
         self, call: Call, model: ServedModel, prompt: str, params: Any
     ) -> AsyncIterator[Chunk]:
         """Stream a generation under admission; abort it in the runtime if the caller leaves."""
+        self.check_open()
         if not prompt:
             raise invalid("prompt is empty: send at least one character of text")
         if len(prompt) > self.limits.max_prompt_chars:
@@ -240,6 +297,7 @@ class Serving:
 
     async def classify(self, model: ServedModel, texts: list[str]) -> np.ndarray:
         """Class probabilities (N, labels) for ``texts`` under admission."""
+        self.check_open()
         self.check_batch("texts", len(texts))
         for i, text in enumerate(texts):
             if not text:
@@ -254,6 +312,7 @@ class Serving:
 
     async def sample_images(self, model: ServedModel, digits: list[int], seed: int) -> np.ndarray:
         """Images (N, C, H, W) for ``digits`` under admission."""
+        self.check_open()
         self.check_batch("digits", len(digits))
         n = model.card.num_classes
         for i, digit in enumerate(digits):
