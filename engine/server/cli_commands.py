@@ -7,6 +7,7 @@ raises :class:`engine.errors.EngineError` (a one-line message, exit code 2) on f
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +88,13 @@ def serve(
     elif max_queue_delay_ms is not None:
         batcher = BatcherConfig(max_queue_delay_ms=max_queue_delay_ms)
     logs.configure(log_level)
+
+    if spin and device == "cpu":
+        # One intra-op pool for every model: sessions with pools of their own spin against
+        # each other (engine/runtime/backends.py, share_thread_pool).
+        from engine.runtime import backends
+
+        backends.share_thread_pool(threads or os.cpu_count() or 1)
 
     async def main() -> None:
         served = await load_models(

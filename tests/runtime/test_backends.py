@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,6 +19,8 @@ from engine.runtime.loader import open_version
 from engine.runtime.tensorrt_backend import unavailable_reason
 from exporters.base import ExportOptions
 from tests.runtime.conftest import MODEL
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_builtin_backends_register_through_the_hook():
@@ -100,3 +109,50 @@ def test_a_tensorrt_plan_runs_natively_and_matches_onnxruntime(tmp_path):
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], atol=5e-2, rtol=5e-2)
     plan.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_a_shared_thread_pool_gives_three_sessions_one_worker_in_all(inplace_graph):
+    """With pools of their own, each 2-thread session adds a worker thread; after
+    share_thread_pool(2) the second and third sessions add none. Outputs do not change."""
+    _, path = inplace_graph
+    script = textwrap.dedent(
+        f"""
+        import json, os, sys
+        import numpy as np
+        from engine.runtime import backends
+        from tests.runtime.test_backends import _feeds
+
+        def threads():
+            return len(os.listdir("/proc/self/task"))
+
+        def session(n):
+            options = backends.BackendOptions(intra_op_threads=n)
+            return backends.OnnxRuntimeBackend({str(path)!r}, options)
+
+        feeds, counts, sessions = _feeds(), [], []
+        if sys.argv[1] == "shared":
+            backends.share_thread_pool(2)
+        for _ in range(3):
+            sessions.append(session(2))  # kept alive: a freed session takes its pool along
+            counts.append(threads())
+        outs = [s.run(feeds)["logits"] for s in sessions]
+        same = all(np.allclose(o, outs[0], atol=1e-5) for o in outs)
+        print(json.dumps({{"threads": counts, "same": bool(same)}}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    added = {}
+    for mode in ("own", "shared"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, mode],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["same"]
+        added[mode] = result["threads"][-1] - result["threads"][0]
+    assert added == {"own": 2, "shared": 0}  # a worker per later session, or none

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typer.testing import CliRunner
 
 from engine.cli import app
@@ -11,14 +13,16 @@ from engine.errors import EngineError
 def _serve_with(monkeypatch, tmp_path, *flags: str) -> dict:
     """Run ``engine serve`` up to loading the models; return the arguments the loader got."""
     import engine.server.loader as loader
+    from engine.runtime import backends
 
-    seen: dict = {}
+    seen: dict = {"shared_pool": None}
 
     async def fake_load_models(repo, names=None, device="cpu", **kwargs):
         seen.update(kwargs, device=device)
         raise EngineError("stop here: the test only checks the arguments")
 
     monkeypatch.setattr(loader, "load_models", fake_load_models)
+    monkeypatch.setattr(backends, "share_thread_pool", lambda n: seen.update(shared_pool=n))
     result = CliRunner().invoke(app, ["serve", "--repo", str(tmp_path), *flags])
     # engine.cli.main turns an EngineError into exit code 2; the bare app just raises it
     assert isinstance(result.exception, EngineError) and "stop here" in str(result.exception)
@@ -31,6 +35,11 @@ def test_defaults_give_16_sequences_an_automatic_kv_budget_spinning_and_batching
     seen = _serve_with(monkeypatch, tmp_path)
     assert seen["config"].max_num_seqs == 16 and seen["config"].kv_cache_bytes is None
     assert seen["spin"] is True and seen["batcher"] is None
+    assert seen["shared_pool"] == os.cpu_count()  # one intra-op pool for every model
+
+
+def test_threads_size_the_shared_pool(monkeypatch, tmp_path):
+    assert _serve_with(monkeypatch, tmp_path, "--threads", "3")["shared_pool"] == 3
 
 
 def test_flags_set_the_kv_budget_sequences_spinning_and_batching(monkeypatch, tmp_path):
@@ -46,6 +55,7 @@ def test_flags_set_the_kv_budget_sequences_spinning_and_batching(monkeypatch, tm
     )  # fmt: skip
     assert seen["config"].max_num_seqs == 32 and seen["config"].kv_cache_bytes == 1 << 20
     assert seen["spin"] is False and seen["threads"] == 1
+    assert seen["shared_pool"] is None  # the shared pool spins: not without spinning
     assert seen["batcher"].max_batch_size == 1
 
 
