@@ -151,6 +151,7 @@ def table(report: dict[str, Any]) -> Table:
     t.add_column("batch", justify="right")
     if generate:
         t.add_column("goodput req/s", justify="right")
+    t.add_column("CPU client/server", justify="right")
     for run in report["runs"]:
         s, server = run["stats"], run.get("server") or {}
         load = describe_load(run)
@@ -175,6 +176,9 @@ def table(report: dict[str, Any]) -> Table:
             goodput = s.get("goodput")
             good = f"{goodput:.2f} ({s.get('good', 0)}/{s['completed'] + s['failed']})"
             row.append("-" if goodput is None else good)
+        cpu = run.get("cpu") or {}
+        shares = [cpu.get("client_share"), cpu.get("server_share")]
+        row.append("/".join("-" if v is None else f"{v:.0%}" for v in shares))
         t.add_row(*row)
     return t
 

@@ -9,8 +9,9 @@ models are measured over gRPC with dynamic batching on and off (one server start
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from bench.workloads import build as build_workload
 from engine.errors import EngineError
 from engine.repository import Manifest
 
+CpuReader = Callable[[], float | None]  # CPU seconds a process has used so far
 MIN_PROMPTS = 16  # per run: enough requests that the first and last waves do not dominate
 PROMPTS_PER_SLOT = 4  # ... and four waves at each concurrency
 RATE_PROMPTS = 32  # per Poisson run when --num-prompts is not given
@@ -149,14 +151,15 @@ def make_workload(config: BenchConfig, model: Model, count: int) -> tuple[Worklo
 @contextmanager
 def grpc_server(
     config: BenchConfig, model: Model, batching: bool
-) -> Iterator[tuple[str, str | None]]:
-    """(target, metrics URL) of the server to drive: the one given, or a child process."""
+) -> Iterator[tuple[str, str | None, CpuReader | None]]:
+    """(target, metrics URL, server CPU reader) of the server to drive: the given one (its CPU
+    unknown), or a child process."""
     if config.target:
-        yield config.target, config.metrics_url
+        yield config.target, config.metrics_url, None
         return
     options = replace(config.serve, dynamic_batching=batching)
     with ServerProcess(model.repo, model.name, options) as server:
-        yield server.target, server.metrics_url
+        yield server.target, server.metrics_url, server.cpu_seconds
 
 
 def check_target(target: str, model: Model) -> dict[str, Any]:
@@ -249,14 +252,18 @@ class Bench:
 
     def _run_grpc(self, batching: bool | None) -> None:
         label = "grpc" if batching is None else f"grpc batching {'on' if batching else 'off'}"
-        with grpc_server(self.config, self.model, batching is not False) as (target, metrics):
+        with grpc_server(self.config, self.model, batching is not False) as (
+            target,
+            metrics,
+            server_cpu,
+        ):
             decode = self.tokenizer.decode if self.tokenizer is not None else None
             runner = create(
                 "grpc", self._context(), target=target, task=self.model.task, decode=decode
             )
             try:
                 self.baselines[label] = runner.describe()
-                self._sweep(runner, label, batching, metrics)
+                self._sweep(runner, label, batching, metrics, server_cpu)
             finally:
                 runner.close()
 
@@ -309,7 +316,12 @@ class Bench:
         )
 
     def _sweep(
-        self, baseline: Baseline, label: str, batching: bool | None, metrics: str | None
+        self,
+        baseline: Baseline,
+        label: str,
+        batching: bool | None,
+        metrics: str | None,
+        server_cpu: CpuReader | None = None,
     ) -> None:
         cfg, prompts, lens = self.config, self.workload.prompts, self.workload.output_lens
         loads = []
@@ -329,6 +341,7 @@ class Bench:
             self.progress.start(f"{label} {load.describe()}", load.num_prompts)
             baseline.request_rate = load.request_rate
             watcher = MetricsWatcher(metrics, self.model.name).start() if metrics else None
+            cpu0 = (time.process_time(), server_cpu() if server_cpu else None)
             t0 = time.perf_counter()
             try:
                 part = slice(load.first, load.first + load.num_prompts)
@@ -340,6 +353,7 @@ class Bench:
                 continue
             finally:
                 duration = time.perf_counter() - t0
+                cpu = _cpu_use(cpu0, server_cpu, duration)
                 server = watcher.stop() if watcher else None
                 self.progress.finish()
             self.runs.append(
@@ -351,5 +365,31 @@ class Bench:
                     "stats": summarize(records, duration, cfg.slo).to_dict(),
                     "server": server.to_dict() if server else None,
                     "same_tokens": self._same_tokens(label, records, load.first),
+                    "cpu": cpu,
                 }
             )
+
+
+def _cpu_use(
+    start: tuple[float, float | None], server_cpu: CpuReader | None, wall_s: float
+) -> dict[str, Any]:
+    """CPU seconds of this process (the load generator, or an in-process baseline) and of the
+    server during a run, and each one's share of all the machine's cores."""
+    client = time.process_time() - start[0]
+    server = None
+    if server_cpu is not None and start[1] is not None:
+        now = server_cpu()
+        server = None if now is None else now - start[1]
+    cores = os.cpu_count() or 1
+
+    def share(seconds: float | None) -> float | None:
+        return None if seconds is None or wall_s <= 0 else seconds / (wall_s * cores)
+
+    return {
+        "wall_s": wall_s,
+        "cores": cores,
+        "client_cpu_s": client,
+        "client_share": share(client),
+        "server_cpu_s": server,
+        "server_share": share(server),
+    }

@@ -9,6 +9,7 @@ production, and killed only if it outlives its grace period.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import signal
 import subprocess
@@ -80,6 +81,13 @@ class ServerProcess:
                 self.metrics_url = found["m"]
                 self._ready.set()
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system, all threads) the server has used so far; None if unknown."""
+        proc = self._proc
+        if proc is None:
+            return None
+        return process_cpu_seconds(proc.pid)
+
     def log_tail(self) -> str:
         """The last lines the server wrote."""
         return "\n".join(self._log)
@@ -121,3 +129,14 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` from /proc (None where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # after the command name: state is field 3, utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
