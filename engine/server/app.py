@@ -32,6 +32,7 @@ from engine.server.serving import Limits, Serving, safe_deserializer
 
 ENGINE_SERVICE = "engine.v1.EngineService"
 KSERVE_SERVICE = "inference.GRPCInferenceService"
+_PENDING_CALLS = 8192  # grpc core's backlog of calls not yet taken in (see start)
 _SEND_LIMIT = 64 << 20  # images of a large batch; responses are ours, so a generous cap
 
 # Health checking and reflection are extras a server can run without (a bare GPU host may lack
@@ -148,8 +149,12 @@ class EngineServer:
             ("grpc.max_receive_message_length", 4 * cfg.limits.max_message_bytes),
             ("grpc.max_send_message_length", _SEND_LIMIT),
             ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing
-            ("grpc.server.max_pending_requests", 8192),
-            ("grpc.server.max_pending_requests_hard_limit", 16384),
+            # Calls that arrived but that the app has not taken in yet wait in grpc core; past
+            # 1000 (its default) core drops them at random as CANCELLED, which a burst of
+            # streams on a fresh connection reaches. We take calls in at once and refuse past
+            # our admission queue (RESOURCE_EXHAUSTED), so core's backlog is only a buffer.
+            ("grpc.server.max_pending_requests", _PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * _PENDING_CALLS),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         _add_service(
