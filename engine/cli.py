@@ -229,6 +229,7 @@ def convert_cmd(
 
 
 cli_runtime.register(app)
+DtypeOpt, CudaGraphsOpt = cli_runtime.DtypeOpt, cli_runtime.CudaGraphsOpt
 
 
 @app.command("serve")
@@ -263,6 +264,14 @@ def serve_cmd(
         int | None,
         typer.Option(min=1, help="LM: KV-cache budget in bytes [max-num-seqs full contexts]."),
     ] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help="LM on CUDA: KV budget as a fraction of the free GPU memory."
+        ),
+    ] = None,
+    dtype: DtypeOpt = None,
+    cuda_graphs: CudaGraphsOpt = True,
     grace: Annotated[float, typer.Option(min=0, help="Seconds to drain on SIGTERM.")] = 30.0,
     max_running: Annotated[int, typer.Option(min=1, help="Requests in flight per model.")] = 64,
     max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests per model.")] = 256,
@@ -289,6 +298,9 @@ def serve_cmd(
         max_queue_delay_ms=max_queue_delay_ms,
         max_num_seqs=max_num_seqs,
         kv_cache_bytes=kv_cache_bytes,
+        gpu_memory_utilization=gpu_memory_utilization,
+        dtype=dtype,
+        cuda_graphs=cuda_graphs,
         grace=grace,
         max_running=max_running,
         max_waiting=max_waiting,

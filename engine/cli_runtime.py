@@ -16,6 +16,14 @@ ModelOpt = Annotated[str | None, typer.Option(help="Model name [the only one].")
 VersionOpt = Annotated[int | None, typer.Option(min=1, help="Version [latest].")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or tensorrt.")]
 ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="Intra-op threads.")]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(help="LM, torch format: float16, bfloat16 or float32 [float16 on CUDA]."),
+]
+CudaGraphsOpt = Annotated[
+    bool,
+    typer.Option(help="LM, torch format on CUDA: replay decode steps as CUDA graphs (off: eager)."),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -25,11 +33,13 @@ def register(app: typer.Typer) -> None:
     app.command("sample-images")(sample_images_cmd)
 
 
-def _open(repo: Path, model, version, device: str, threads, task: str):
+def _open(repo: Path, model, version, device: str, threads, task: str, config=None):
     """Load a model version for ``task``; a model of another task is a clear error."""
     from engine.runtime import Engine
 
-    eng = Engine.from_repository(repo, model, version, device=device, threads=threads)
+    eng = Engine.from_repository(
+        repo, model, version, device=device, threads=threads, config=config
+    )
     served = getattr(eng, "task", "generate")
     if served != task:
         eng.close()
@@ -51,8 +61,11 @@ def generate_cmd(
     stream: Annotated[bool, typer.Option(help="Print text as it is generated.")] = True,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
+    dtype: DtypeOpt = None,
+    cuda_graphs: CudaGraphsOpt = True,
 ) -> None:
     """Generate text from a prompt with the continuous-batching runtime."""
+    from engine.runtime.llm_engine import EngineConfig
     from engine.runtime.sampling_params import SamplingParams
 
     params = SamplingParams(
@@ -64,7 +77,8 @@ def generate_cmd(
         stop=tuple(stop or ()),
     )
     params.validate()
-    eng = _open(repo, model, version, device, threads, "generate")
+    config = EngineConfig(dtype=dtype, cuda_graphs=cuda_graphs)
+    eng = _open(repo, model, version, device, threads, "generate", config)
 
     async def run() -> None:
         final = None

@@ -19,12 +19,12 @@ import numpy as np
 
 from engine.runtime.async_engine import AsyncFront
 from engine.runtime.errors import InvalidPromptError, ModelSignatureError
-from engine.runtime.kv_cache import KVCacheManager, KVCacheStats, default_kv_cache_bytes
+from engine.runtime.kv_cache import KVCacheManager, KVCacheStats
 from engine.runtime.loader import ModelVersion, open_version
 from engine.runtime.model_runner import ModelRunner
 from engine.runtime.outputs import OutputProcessor, RequestOutput
 from engine.runtime.request import Request
-from engine.runtime.runners import runner_factory
+from engine.runtime.runners import free_memory, kv_budget, runner_factory
 from engine.runtime.sampler import SamplerOutput
 from engine.runtime.sampling_params import SamplingParams
 from engine.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -38,6 +38,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048)
     kv_cache_bytes: int | None = None  # None: max_num_seqs full-context sequences
+    # Or: this fraction of the device memory free once the weights are loaded (CUDA, torch
+    # format). vLLM's flag of the same name takes a fraction of the whole device instead.
+    gpu_memory_utilization: float | None = None
     io_binding: bool = True
     # torch-format versions only (engine/runtime/torch_runner.py):
     dtype: str | None = None  # float32, float16, bfloat16; None: float16 on CUDA, float32 on CPU
@@ -108,7 +111,7 @@ class LLMEngine:
         spec, make_runner = runner_factory(
             mv, max_len, config, device=device, backend=backend, threads=threads, spin=spin
         )
-        budget = config.kv_cache_bytes or default_kv_cache_bytes(spec, max_len, config.max_num_seqs)
+        budget = kv_budget(config, spec, max_len, free_memory(mv, device, backend))
         # One slot per sequence (block_size = max_model_len): the graph reads a row per sequence.
         # Slots beyond max_num_seqs could never run at once, so the pool stops there.
         kv = KVCacheManager.from_budget(budget, spec, max_len, max_blocks=config.max_num_seqs)

@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.runtime.backends import BackendOptions
 from engine.runtime.errors import BackendUnavailableError
-from engine.runtime.kv_cache import KVCacheSpec
+from engine.runtime.kv_cache import KVCacheConfigError, KVCacheSpec, default_kv_cache_bytes
 from engine.runtime.loader import ModelVersion
 from engine.runtime.model_runner import InplaceGraph, ModelRunner
 
@@ -26,6 +26,7 @@ INPLACE_VARIANT = "kv_inplace"
 TORCH_FORMAT = "torch"  # versions of this format run on engine/runtime/torch_runner.py
 
 RunnerFactory = Callable[[int], Any]  # number of KV slots -> a runner
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def runner_factory(
@@ -42,6 +43,47 @@ def runner_factory(
     if serves_with_torch(mv, backend):
         return _torch_runner(mv, max_len, device, threads, config)
     return _onnx_runner(mv, max_len, device, backend, threads, spin, config)
+
+
+def free_memory(mv: ModelVersion, device: str, backend: str | None) -> Callable[[], int] | None:
+    """A function giving the bytes free on ``device`` now, where the runtime can tell, or None.
+
+    Only the torch runtime on CUDA can: its factory loads the weights first, so by the time
+    this is called the free memory is what they leave.
+    """
+    if not (device.startswith("cuda") and serves_with_torch(mv, backend)):
+        return None
+    from engine.runtime import torch_runner
+
+    return lambda: torch_runner.free_device_memory(torch_runner.resolve_device(device))
+
+
+def kv_budget(
+    config: EngineConfig, spec: KVCacheSpec, max_len: int, free: Callable[[], int] | None
+) -> int:
+    """KV bytes: ``kv_cache_bytes``, a fraction of free device memory, or max_num_seqs sequences."""
+    fraction = config.gpu_memory_utilization
+    if fraction is None:
+        return config.kv_cache_bytes or default_kv_cache_bytes(spec, max_len, config.max_num_seqs)
+    if config.kv_cache_bytes is not None:
+        raise KVCacheConfigError("give --kv-cache-bytes or --gpu-memory-utilization, not both")
+    if not 0 < fraction <= 1:
+        raise KVCacheConfigError(
+            f"--gpu-memory-utilization is a fraction in (0, 1], not {fraction}"
+        )
+    if free is None:
+        raise KVCacheConfigError(
+            "--gpu-memory-utilization sizes the KV cache from free GPU memory, which only the "
+            "torch runtime on CUDA measures (--format torch, --device cuda); use --kv-cache-bytes"
+        )
+    available = free()
+    budget, per_seq = int(fraction * available), spec.bytes_per_token * max_len
+    if budget < per_seq:
+        raise KVCacheConfigError(
+            f"--gpu-memory-utilization {fraction} of the {available / 2**20:,.0f} MiB free holds "
+            f"no sequence of max_model_len tokens ({per_seq / 2**20:,.1f} MiB); raise it"
+        )
+    return budget
 
 
 def serves_with_torch(mv: ModelVersion, backend: str | None) -> bool:
@@ -74,6 +116,12 @@ def _onnx_runner(
     """The KV shape of the ``kv_inplace`` graph and a factory of its :class:`ModelRunner`."""
     serving = mv.serving
     graph = InplaceGraph.from_manifest(mv.graph(INPLACE_VARIANT))
+    wanted = _DTYPE_ALIASES.get(config.dtype, config.dtype)
+    if wanted is not None and wanted != np.dtype(graph.dtype).name:
+        raise BackendUnavailableError(
+            f"{mv.name} v{mv.version} is a {np.dtype(graph.dtype).name} ONNX export: --dtype "
+            f"{config.dtype} applies to torch-format versions (ONNX: export with or without --fp16)"
+        )
     itemsize = np.dtype(graph.dtype).itemsize
     spec = KVCacheSpec(len(graph.kv) // 2, graph.num_heads, graph.head_dim, itemsize)
 
@@ -95,20 +143,18 @@ def _onnx_runner(
 def _torch_runner(
     mv: ModelVersion, max_len: int, device: str, threads: int | None, config: EngineConfig
 ) -> tuple[KVCacheSpec, RunnerFactory]:
-    """The KV shape in the chosen dtype and a factory of the :class:`TorchRunner`."""
+    """The KV shape in the chosen dtype and a factory of the :class:`TorchRunner`.
+
+    The weights are loaded here, before the pool is sized, so that the free device memory a
+    ``gpu_memory_utilization`` budget is taken from is what they leave (:func:`free_memory`).
+    """
     from engine.runtime import torch_runner  # the only import of torch on the serving side
 
-    dtype = torch_runner.resolve_dtype(config.dtype, torch_runner.resolve_device(device))
+    module = torch_runner.TorchRunner.load_module(mv, device, config.dtype, threads)
 
     def make(num_slots: int) -> Any:
         return torch_runner.TorchRunner.from_version(
-            mv,
-            num_slots,
-            max_len,
-            device=device,
-            dtype=config.dtype,
-            threads=threads,
-            cuda_graphs=config.cuda_graphs,
+            mv, num_slots, max_len, cuda_graphs=config.cuda_graphs, module=module
         )
 
-    return torch_runner.kv_spec(mv.serving, dtype), make
+    return torch_runner.kv_spec(mv.serving, module[2]), make

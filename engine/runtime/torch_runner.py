@@ -85,6 +85,16 @@ def kv_spec(serving: dict[str, Any], dtype: torch.dtype) -> KVCacheSpec:
     return KVCacheSpec(layers, heads, dim, torch.empty((), dtype=dtype).element_size())
 
 
+def free_device_memory(device: torch.device) -> int:
+    """Bytes free on a CUDA device now, as the driver counts them (other processes included).
+
+    The allocator's cached blocks go back first: they are this process's, and free to use.
+    """
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
 def batch_buckets(num_slots: int) -> list[int]:
     """Decode batch sizes a step is padded to: powers of two below ``num_slots``, then it."""
     out = [1 << i for i in range(num_slots.bit_length()) if (1 << i) < num_slots]
@@ -132,6 +142,24 @@ class TorchRunner(SlotRunner):
         self._arange = np.arange(T, dtype=np.int64)
         self._init_slots(num_slots, vocab_size, pad_token_id)  # per-slot decode state
 
+    @staticmethod
+    def load_module(
+        mv: Any, device: str = "cpu", dtype: str | None = None, threads: int | None = None
+    ) -> tuple[torch.nn.Module, torch.device, torch.dtype]:
+        """Rebuild a ``torch``-format version's module on ``device`` in ``dtype``.
+
+        Done before the KV pool is sized, so the free device memory it is sized from
+        (``--gpu-memory-utilization``) is what the weights leave.
+        """
+        from engine import checkpoint
+
+        dev = resolve_device(device)
+        if threads and dev.type == "cpu":
+            torch.set_num_threads(threads)
+        torch_dtype = resolve_dtype(dtype, dev)
+        _, _, model = checkpoint.load(mv.path, device=str(dev))
+        return model.to(dev, torch_dtype), dev, torch_dtype
+
     @classmethod
     def from_version(
         cls,
@@ -143,15 +171,10 @@ class TorchRunner(SlotRunner):
         dtype: str | None = None,
         threads: int | None = None,
         cuda_graphs: bool = True,
+        module: tuple[torch.nn.Module, torch.device, torch.dtype] | None = None,
     ) -> TorchRunner:
-        """Build the module of a ``torch``-format version through its architecture plugin."""
-        from engine import checkpoint
-
-        dev = resolve_device(device)
-        if threads and dev.type == "cpu":
-            torch.set_num_threads(threads)
-        torch_dtype = resolve_dtype(dtype, dev)
-        _, _, model = checkpoint.load(mv.path, device=str(dev))
+        """Build the runner of a ``torch``-format version (``module``: from :meth:`load_module`)."""
+        model, dev, torch_dtype = module or cls.load_module(mv, device, dtype, threads)
         serving = mv.serving
         runner = cls(
             model,
@@ -166,6 +189,11 @@ class TorchRunner(SlotRunner):
         )
         runner.capture_all()
         return runner
+
+    @property
+    def num_graphs(self) -> int:
+        """Decode steps captured as CUDA graphs (0 when they are off or off CUDA)."""
+        return len(self._graphs)
 
     @property
     def kv_bytes(self) -> int:

@@ -44,6 +44,9 @@ def serve(
     max_queue_delay_ms: float | None = None,
     max_num_seqs: int = 16,
     kv_cache_bytes: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    dtype: str | None = None,
+    cuda_graphs: bool = True,
     grace: float = 30.0,
     max_running: int = 64,
     max_waiting: int = 256,
@@ -105,7 +108,13 @@ def serve(
             threads=threads,
             spin=spin,
             batcher=batcher,
-            config=EngineConfig(max_num_seqs=max_num_seqs, kv_cache_bytes=kv_cache_bytes),
+            config=EngineConfig(
+                max_num_seqs=max_num_seqs,
+                kv_cache_bytes=kv_cache_bytes,
+                gpu_memory_utilization=gpu_memory_utilization,
+                dtype=dtype,
+                cuda_graphs=cuda_graphs,
+            ),
         )
         server = EngineServer(served, config)
         try:

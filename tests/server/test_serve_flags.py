@@ -62,3 +62,25 @@ def test_flags_set_the_kv_budget_sequences_spinning_and_batching(monkeypatch, tm
 def test_a_queue_delay_reaches_the_dynamic_batcher(monkeypatch, tmp_path):
     seen = _serve_with(monkeypatch, tmp_path, "--max-queue-delay-ms", "2.5")
     assert seen["batcher"].max_queue_delay_ms == 2.5 and seen["batcher"].max_batch_size == 32
+
+
+def test_torch_runtime_flags_reach_the_engine_config(monkeypatch, tmp_path):
+    seen = _serve_with(
+        monkeypatch,
+        tmp_path,
+        "--dtype", "bfloat16",
+        "--no-cuda-graphs",
+        "--gpu-memory-utilization", "0.5",
+    )  # fmt: skip
+    config = seen["config"]
+    assert (config.dtype, config.cuda_graphs, config.gpu_memory_utilization) == (
+        "bfloat16",
+        False,
+        0.5,
+    )
+    defaults = _serve_with(monkeypatch, tmp_path)["config"]
+    assert (defaults.dtype, defaults.cuda_graphs, defaults.gpu_memory_utilization) == (
+        None,
+        True,
+        None,
+    )
