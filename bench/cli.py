@@ -62,6 +62,23 @@ def _names(value: str) -> tuple[str, ...]:
     return names
 
 
+def _only_at(values: list[str] | None, baselines: tuple[str, ...], sweep: tuple[int, ...]):
+    """``NAME=c1,c2`` options as {name: (c1, c2)}; each a known baseline and sweep point."""
+    out: dict[str, tuple[int, ...]] = {}
+    for value in values or ():
+        name, sep, loads = value.partition("=")
+        if not sep or name not in baselines:
+            raise EngineError(
+                f"--only-at expects BASELINE=c1,c2, BASELINE one of {', '.join(baselines)}; "
+                f"got {value!r}"
+            )
+        out[name] = _ints(loads, "--only-at")
+        extra = sorted(set(out[name]) - set(sweep))
+        if extra:
+            raise EngineError(f"--only-at {value}: {extra} is not in --concurrency")
+    return out
+
+
 def _batching(value: str) -> tuple[bool, ...]:
     modes = {"on": True, "off": False}
     parts = [v.strip() for v in value.split(",") if v.strip()]
@@ -130,6 +147,33 @@ def run_cmd(
     threads: Annotated[
         int | None, typer.Option(min=1, help="Intra-op threads (server and baselines).")
     ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="Torch format and HF: float16, bfloat16, float32 [float16 on CUDA]."),
+    ] = None,
+    cuda_graphs: Annotated[
+        bool, typer.Option(help="Engine decode steps as CUDA graphs (torch format on CUDA).")
+    ] = True,
+    max_num_seqs: Annotated[
+        int | None, typer.Option(min=1, help="Engine sequences at once (server and inprocess).")
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Engine KV budget as a fraction of free GPU memory."),
+    ] = None,
+    only_at: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run a baseline at these concurrencies only: hf-static=1,64 (repeatable)."
+        ),
+    ] = None,
+    time_budget_s: Annotated[
+        float | None, typer.Option(min=0.0, help="Skip (and report) loads that would start later.")
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(help="Exit 1 if anything asked for was skipped or any request failed."),
+    ] = False,
     serve_arg: Annotated[
         list[str] | None,
         typer.Option(
@@ -155,12 +199,14 @@ def run_cmd(
         raise EngineError(f"unknown --workload {workload!r}; choose one of {', '.join(WORKLOADS)}")
 
     started = time.time()
+    names = _names(baselines)
+    sweep = _ints(concurrency, "--concurrency")
     config = BenchConfig(
         repo=repo,
         model=model,
         target=target,
         metrics_url=metrics_url,
-        concurrency=_ints(concurrency, "--concurrency"),
+        concurrency=sweep,
         request_rates=_rates(request_rate),
         max_concurrency=max_concurrency,
         num_prompts=num_prompts,
@@ -170,13 +216,25 @@ def run_cmd(
         slo=Slo(goodput_ttft_ms, goodput_tpot_ms),
         warmup=warmup,
         seed=seed,
-        baselines=_names(baselines),
+        baselines=names,
         batching=_batching(batching),
-        serve=ServeOptions(device=device, threads=threads, extra_args=tuple(serve_arg or ())),
+        serve=ServeOptions(
+            device=device,
+            threads=threads,
+            max_num_seqs=max_num_seqs,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+            extra_args=tuple(serve_arg or ()),
+        ),
         command="engine " + shlex.join(sys.argv[1:]),
+        only_at=_only_at(only_at, names, sweep),
+        time_budget_s=time_budget_s,
     )
     console, err = _console(), _console(stderr=True)
     bench = Bench(config)
+    # After every run: a run cut short (a crash, a time limit) still leaves what it measured.
+    bench.on_change = lambda: report.write(report.build(bench, started), out)
     if progress:
         from bench.progress import RichProgress
 
@@ -201,6 +259,12 @@ def run_cmd(
             err.print(
                 "plots skipped: matplotlib is not installed (pip install 'edge-engine[bench]')"
             )
+    missing = report.problems(result)
+    if strict and missing:
+        for line in missing:
+            err.print(f"[bold red]not measured:[/bold red] {line}", highlight=False)
+        err.print(f"[bold red]FAILED:[/bold red] {len(missing)} of the measurements asked for")
+        raise typer.Exit(1)
 
 
 @bench_app.command("compare")

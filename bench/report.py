@@ -42,6 +42,30 @@ def machine() -> dict[str, Any]:
     }
 
 
+def gpu(serve: Any) -> dict[str, Any] | None:
+    """The GPU (name, driver, CUDA) and how the model ran on it (dtype, CUDA graphs); None on CPU.
+
+    The dtype is the runtime's default unless one was asked for: float16 on CUDA.
+    """
+    from bench.gpu_info import describe_gpu
+
+    info = describe_gpu(serve.device)
+    if info is None:
+        return None
+    return {**info, "dtype": serve.dtype or "float16", "cuda_graphs": serve.cuda_graphs}
+
+
+def problems(report: dict[str, Any]) -> list[str]:
+    """What was asked for and not measured: every skip, every run with failed requests."""
+    out = skipped_lines(report)
+    for run in report["runs"]:
+        failed = run["stats"]["failed"]
+        if failed:
+            where = describe_load(run)
+            out.append(f"{run['label']} at {where}: {failed} of {run['num_prompts']} failed")
+    return out
+
+
 def versions() -> dict[str, str]:
     """Versions of the packages that shape the figures (optional ones only when loaded)."""
     names = list(_PACKAGES) + [n for n in _OPTIONAL if n in sys.modules]
@@ -79,6 +103,12 @@ def build(bench: Any, started: float) -> dict[str, Any]:
         "baselines": list(cfg.baselines),
         "device": cfg.serve.device,
         "threads": cfg.serve.threads,
+        "dtype": cfg.serve.dtype,
+        "cuda_graphs": cfg.serve.cuda_graphs,
+        "max_num_seqs": cfg.serve.max_num_seqs,
+        "gpu_memory_utilization": cfg.serve.gpu_memory_utilization,
+        "only_at": {k: list(v) for k, v in cfg.only_at.items()},
+        "time_budget_s": cfg.time_budget_s,
         "serve_args": list(cfg.serve.extra_args),
         "prompts": workload.source,
         "greedy": True,
@@ -91,6 +121,7 @@ def build(bench: Any, started: float) -> dict[str, Any]:
             "wall_s": time.time() - started,
             "command": cfg.command,
             "machine": machine(),
+            "gpu": gpu(cfg.serve),
             "versions": versions(),
             "model": {
                 "repo": str(model.repo),
@@ -167,7 +198,10 @@ def table(report: dict[str, Any]) -> Table:
             kv = [server.get("kv_usage_mean"), server.get("kv_usage_max")]
             row.append("-" if kv[0] is None else f"{kv[0]:.0%}/{kv[1]:.0%}")
             same = run.get("same_tokens") or {}
-            row.append(f"{same['identical']}/{same['compared']}" if same.get("compared") else "-")
+            prefix = same.get("identical_prefix")
+            text = f"{same.get('identical')}/{same.get('compared')}"
+            text += f" ({prefix} in first {same['prefix_tokens']})" if prefix is not None else ""
+            row.append(text if same.get("compared") else "-")
         else:
             row.append(_ms(s["e2el_ms"], "mean", "p50", "p90", "p99"))
         batch = server.get("batch_size_mean")

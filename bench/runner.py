@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.baselines import BaselineContext, Unavailable, create
 from bench.baselines.base import Baseline, RequestRecord
+from bench.gpu_info import GpuMonitor
 from bench.metrics import Slo, succeeded, summarize
 from bench.prompts import HELDOUT_FRACTION, digit_prompts, load_tokenizer
 from bench.server_metrics import MetricsWatcher
@@ -32,6 +33,7 @@ CpuReader = Callable[[], float | None]  # CPU seconds a process has used so far
 MIN_PROMPTS = 16  # per run: enough requests that the first and last waves do not dominate
 PROMPTS_PER_SLOT = 4  # ... and four waves at each concurrency
 RATE_PROMPTS = 32  # per Poisson run when --num-prompts is not given
+AGREE_TOKENS = 32  # greedy agreement is also judged on each request's first 32 tokens
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class BenchConfig:
     batching: tuple[bool, ...] = (True, False)  # classify/sample_images: on, then off
     serve: ServeOptions = field(default_factory=ServeOptions)
     command: str = ""  # the command line, for the report
+    # baseline -> the only concurrencies it runs at (a slow or compiling baseline at a few loads)
+    only_at: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    time_budget_s: float | None = None  # loads that would start later are skipped, with why
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,14 @@ class Bench:
         self.skipped: list[dict[str, Any]] = []
         self.baselines: dict[str, dict[str, Any]] = {}
         self.server: dict[str, Any] = {}
+        self.on_change: Any = None  # called after every run or skip (the CLI saves the report)
+        budget = config.time_budget_s
+        self.deadline = None if budget is None else time.perf_counter() + budget
+        self.gpu_reader = None
+        if config.serve.device != "cpu":
+            from bench.gpu_info import memory_reader
+
+            self.gpu_reader = memory_reader(config.serve.device)
         # Greedy tokens per prompt index from the first baseline that produced them (the
         # server, when it runs first): every later run is checked against these.
         self.reference: tuple[str, dict[int, list[int]]] | None = None
@@ -236,6 +249,10 @@ class Bench:
                     name, f"runs language models only; {self.model.name} is {self.model.task}"
                 )
                 continue
+            if self._out_of_time():
+                for load in self.loads_of(name):
+                    self._skip(name, self._out_of_time(), load)
+                continue
             try:
                 if name == "grpc":
                     self._run_grpc(batching)
@@ -244,11 +261,31 @@ class Bench:
             except Unavailable as exc:
                 self._skip(name, str(exc))
 
+    def loads_of(self, label: str) -> list[Load]:
+        """The loads a baseline was asked to run (``only_at`` narrows the concurrency sweep)."""
+        only = self.config.only_at.get(label.split(" ")[0])
+        return [
+            load
+            for load in self.loads
+            if only is None or load.mode != "concurrency" or load.concurrency in only
+        ]
+
+    def _out_of_time(self) -> str | None:
+        """Why no further load may start (the time budget is spent), or None."""
+        if self.deadline is None or time.perf_counter() < self.deadline:
+            return None
+        return f"not run: the time budget of {self.config.time_budget_s:g} s was spent"
+
     def _skip(self, name: str, reason: str, load: Load | None = None) -> None:
         entry = {"baseline": name, "reason": reason}
         if load is not None:
             entry["load"] = load.describe()
         self.skipped.append(entry)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _run_grpc(self, batching: bool | None) -> None:
         label = "grpc" if batching is None else f"grpc batching {'on' if batching else 'off'}"
@@ -288,8 +325,10 @@ class Bench:
     ) -> dict[str, Any] | None:
         """How many requests produced the reference baseline's greedy tokens for their prompt.
 
-        Records come back in prompt order, so record i answers request ``first + i``. None
-        when there are no tokens to compare (classifier, GAN).
+        All of them (``identical``), and their first AGREE_TOKENS (``identical_prefix``): in
+        half precision two correct implementations part at the first near tie, after which
+        whole outputs say little. Records come back in prompt order, so record i answers
+        request ``first + i``. None when there are no tokens to compare (classifier, GAN).
         """
         ok = {first + i: r.token_ids for i, r in enumerate(records) if succeeded(r) and r.token_ids}
         if not ok:
@@ -299,10 +338,18 @@ class Bench:
         name, tokens = self.reference
         common = [i for i in ok if i in tokens]  # before this run adds to the reference
         same = sum(ok[i] == tokens[i] for i in common)
+        head = AGREE_TOKENS
+        same_head = sum(ok[i][:head] == tokens[i][:head] for i in common)
         if name == label:
             for i, ids in ok.items():
                 tokens.setdefault(i, ids)
-        return {"reference": name, "identical": same, "compared": len(common)}
+        return {
+            "reference": name,
+            "identical": same,
+            "identical_prefix": same_head,
+            "prefix_tokens": head,
+            "compared": len(common),
+        }
 
     def _context(self) -> BaselineContext:
         checkpoint = self.model.manifest.checkpoint.get("path")
@@ -313,6 +360,10 @@ class Bench:
             seed=self.config.seed,
             checkpoint=Path(checkpoint) if checkpoint else None,
             device=self.config.serve.device,
+            dtype=self.config.serve.dtype,
+            cuda_graphs=self.config.serve.cuda_graphs,
+            max_num_seqs=self.config.serve.max_num_seqs,
+            gpu_memory_utilization=self.config.serve.gpu_memory_utilization,
         )
 
     def _sweep(
@@ -325,29 +376,40 @@ class Bench:
     ) -> None:
         cfg, prompts, lens = self.config, self.workload.prompts, self.workload.output_lens
         loads = []
-        for load in self.loads:
+        for load in self.loads_of(label):
             if load.mode == "rate" and not getattr(baseline, "supports_rate", False):
                 self._skip(label, "runs static batches: no arrival process", load)
             else:
                 loads.append(load)
         baseline.on_done = lambda record: self.progress.advance()
         baseline.seed = cfg.seed  # the arrival process
-        if cfg.warmup and loads:
+        per_load = getattr(baseline, "warmup_each_load", False)  # e.g. a step compiled per shape
+        if cfg.warmup and loads and not per_load:
             self.progress.start(f"{label} warm-up", cfg.warmup)
             baseline.request_rate = math.inf
             baseline.run(prompts[: cfg.warmup], lens[: cfg.warmup], cfg.warmup)
             self.progress.finish()
         for load in loads:
+            late = self._out_of_time()
+            if late:
+                self._skip(label, late, load)
+                continue
+            concurrency = load.concurrency or load.num_prompts
+            if per_load:
+                self.progress.start(f"{label} warm-up {load.describe()}", concurrency)
+                baseline.request_rate = math.inf
+                own = slice(load.first, load.first + concurrency)
+                baseline.run(prompts[own], lens[own], concurrency)
+                self.progress.finish()
             self.progress.start(f"{label} {load.describe()}", load.num_prompts)
             baseline.request_rate = load.request_rate
             watcher = MetricsWatcher(metrics, self.model.name).start() if metrics else None
             cpu0 = (time.process_time(), server_cpu() if server_cpu else None)
+            gpu = GpuMonitor(self.gpu_reader).start() if self.gpu_reader else None
             t0 = time.perf_counter()
             try:
                 part = slice(load.first, load.first + load.num_prompts)
-                records = baseline.run(
-                    prompts[part], lens[part], load.concurrency or load.num_prompts
-                )
+                records = baseline.run(prompts[part], lens[part], concurrency)
             except Exception as exc:  # record it and go on with the other loads
                 self._skip(label, f"failed: {type(exc).__name__}: {exc}", load)
                 continue
@@ -355,6 +417,7 @@ class Bench:
                 duration = time.perf_counter() - t0
                 cpu = _cpu_use(cpu0, server_cpu, duration)
                 server = watcher.stop() if watcher else None
+                device = gpu.stop() if gpu else None
                 self.progress.finish()
             self.runs.append(
                 {
@@ -364,10 +427,12 @@ class Bench:
                     **load.to_dict(),
                     "stats": summarize(records, duration, cfg.slo).to_dict(),
                     "server": server.to_dict() if server else None,
+                    "gpu": device.to_dict() if device else None,
                     "same_tokens": self._same_tokens(label, records, load.first),
                     "cpu": cpu,
                 }
             )
+            self._changed()
 
 
 def _cpu_use(

@@ -36,6 +36,12 @@ class ServeOptions:
     device: str = "cpu"  # --device: cpu, cuda or tensorrt
     threads: int | None = None  # --threads: intra-op threads (None: the server's default)
     dynamic_batching: bool = True  # False: --no-dynamic-batching (batch size 1)
+    # The language model's engine; None keeps `engine serve`'s default. The in-process
+    # baselines get the same values (bench.runner.Bench._context).
+    max_num_seqs: int | None = None  # --max-num-seqs
+    gpu_memory_utilization: float | None = None  # --gpu-memory-utilization (CUDA, torch format)
+    dtype: str | None = None  # --dtype (torch format)
+    cuda_graphs: bool = True  # False: --no-cuda-graphs
     extra_args: tuple[str, ...] = ()  # any other `engine serve` flags, verbatim
     startup_timeout_s: float = 180.0  # loading checks every file's hash first
     grace_s: float = 5.0  # drain time on SIGTERM; the bench stops it between runs only
@@ -68,6 +74,14 @@ class ServerProcess:
             argv += ["--threads", str(opts.threads)]
         if not opts.dynamic_batching:
             argv.append("--no-dynamic-batching")
+        if opts.max_num_seqs:
+            argv += ["--max-num-seqs", str(opts.max_num_seqs)]
+        if opts.gpu_memory_utilization is not None:
+            argv += ["--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
+        if opts.dtype:
+            argv += ["--dtype", opts.dtype]
+        if not opts.cuda_graphs:
+            argv.append("--no-cuda-graphs")
         return argv + list(opts.extra_args)
 
     def _drain(self) -> None:

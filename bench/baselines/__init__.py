@@ -3,7 +3,8 @@
 The registry maps a name to ``"module:Class"``; a baseline's module is imported only when that
 baseline is asked for, so torch or transformers load only for ``hf`` and ``optimum``. A class
 is constructed with the keyword arguments it accepts among :class:`BaselineContext`'s fields
-(``repo``, ``model``, ``threads``, ``seed``, ``checkpoint``, ``device``). Anything that stops a
+(``repo``, ``model``, ``threads``, ``seed``, ``checkpoint``, ``device``, and the engine settings
+``dtype``, ``cuda_graphs``, ``max_num_seqs``, ``gpu_memory_utilization``). Anything that stops a
 baseline (a missing package, a missing module, :class:`Unavailable` from its constructor or
 ``check()``) becomes :class:`Unavailable`, which the bench reports as skipped with the reason.
 """
@@ -22,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "inprocess": "bench.baselines.inprocess:InProcessBaseline",
     "bare": "bench.baselines.bare:BareLoopBaseline",
     "hf": "bench.baselines.hf:HFGenerate",
+    "hf-static": "bench.baselines.hf:HFStaticCompiled",  # static cache + torch.compile on CUDA
     "optimum": "bench.baselines.optimum:OptimumORT",
 }
 
@@ -36,6 +38,10 @@ class BaselineContext:
     seed: int = 0
     checkpoint: Path | None = None  # the PyTorch checkpoint the ONNX export came from, if known
     device: str = "cpu"
+    dtype: str | None = None  # torch dtype name; None: float16 on CUDA, float32 on CPU
+    cuda_graphs: bool = True  # the engine's decode steps as CUDA graphs (torch format, CUDA)
+    max_num_seqs: int | None = None  # the engine's sequences at once; None: its default
+    gpu_memory_utilization: float | None = None  # the engine's KV budget from free GPU memory
 
 
 def baseline_class(name: str) -> type[Baseline]:

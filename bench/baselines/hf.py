@@ -7,6 +7,11 @@ end-of-text id is configured, so nothing stops a row early and nothing is suppre
 (``min_new_tokens`` would mask end-of-text, which the engine's ``ignore_eos`` does not, and the
 tokens would differ). ``concurrency`` prompts run as one left-padded batch, batch after batch.
 
+``hf-static`` is the same ``generate`` with a static KV cache (``cache_implementation="static"``),
+which transformers compiles with ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs) on
+CUDA: its fastest generate. A compiled step is specialised to the batch size, so that baseline
+warms up once at every load before it is measured; on CPU it runs the static cache uncompiled.
+
 Timestamps come from a ``StoppingCriteria``: ``generate`` calls it once per step, right after
 the step's tokens are appended; on CUDA it synchronises first, so a stamp is when the tokens
 exist, as a streamer would see them.
@@ -61,14 +66,13 @@ def find_weights(repo: Path | None, model: str | None, checkpoint: Path | None =
 
 def load_gpt2(weights: Path, device: str = "cpu", dtype: Any = None) -> tuple[Any, int]:
     """``GPT2LMHeadModel`` for ``weights`` (ours, or a Hugging Face directory); model, pad id."""
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from engine import checkpoint
     from exporters.source import source_kind
     from plugins.decoder_lm.model import to_gpt2_state_dict
 
-    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    dtype = torch_dtype(dtype, device)
     if source_kind(weights) == "huggingface":  # the directory an export was imported from
         hf = GPT2LMHeadModel.from_pretrained(str(weights), dtype=dtype)
         eos = hf.config.eos_token_id
@@ -105,6 +109,21 @@ def load_gpt2(weights: Path, device: str = "cpu", dtype: Any = None) -> tuple[An
     hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = pad_id
     return hf.to(device=device, dtype=dtype).eval(), pad_id
+
+
+def torch_dtype(name: Any, device: str) -> Any:
+    """A torch dtype from a name (float16, fp16, ...) or None: float16 on CUDA, else float32."""
+    import torch
+
+    if name is None:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    value = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise Unavailable(f"unknown dtype {name!r}; choose float32, float16 or bfloat16")
+    return value
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,6 +165,7 @@ class HFGenerate(BatchedBaseline):
         threads: int | None = None,
         checkpoint: Path | None = None,
         device: str = "cpu",
+        dtype: str | None = None,
     ):
         """Load the weights of ``model`` (see :func:`find_weights`) onto ``device``."""
         reason = self.why_unavailable(device)
@@ -155,7 +175,7 @@ class HFGenerate(BatchedBaseline):
 
         if threads:
             torch.set_num_threads(threads)
-        self.device, self.threads = device, threads
+        self.device, self.threads, self.dtype = device, threads, dtype
         self.weights = find_weights(repo, model, checkpoint)
         self.model, self.pad_id = self._load()
 
@@ -174,7 +194,7 @@ class HFGenerate(BatchedBaseline):
 
     def _load(self) -> tuple[Any, int]:
         """The model whose ``generate`` runs (subclasses swap in another runtime)."""
-        return load_gpt2(self.weights, self.device)
+        return load_gpt2(self.weights, self.device, self.dtype)
 
     def generate(self, prompts: list[list[int]], output_len: int) -> tuple[np.ndarray, list[float]]:
         """Greedy ``output_len`` tokens for one batch: (B, output_len) ids and step times."""
@@ -192,8 +212,13 @@ class HFGenerate(BatchedBaseline):
                 do_sample=False,
                 use_cache=True,
                 stopping_criteria=stamps,
+                **self.generate_options(),
             )
         return out[:, ids.shape[1] :].cpu().numpy(), times
+
+    def generate_options(self) -> dict[str, Any]:
+        """Extra ``generate`` arguments (none: transformers' default dynamic cache, eager)."""
+        return {}
 
     def generate_batch(
         self, prompts: list[list[int]], output_len: int
@@ -220,3 +245,54 @@ class HFGenerate(BatchedBaseline):
     def close(self) -> None:
         """Drop the model (and its GPU memory)."""
         self.model = None
+
+
+class HFStaticCompiled(HFGenerate):
+    """``generate`` with a static KV cache, compiled by transformers on CUDA (reduce-overhead)."""
+
+    name = "hf-static"
+    description = (
+        "Hugging Face transformers generate, static KV cache, torch.compile "
+        "(mode reduce-overhead) on CUDA; greedy, static batches"
+    )
+    warmup_each_load = True  # a compiled step is specialised to its batch size
+
+    @staticmethod
+    def why_unavailable(device: str) -> str | None:
+        """HFGenerate's reasons, and a transformers whose GPT-2 cannot compile a static cache."""
+        reason = HFGenerate.why_unavailable(device)
+        if reason:
+            return reason
+        import transformers
+        from transformers import GPT2LMHeadModel
+
+        try:
+            from transformers import CompileConfig  # noqa: F401
+        except ImportError:
+            return f"transformers {transformers.__version__} has no CompileConfig (needs >= 4.47)"
+        if not (
+            getattr(GPT2LMHeadModel, "_can_compile_fullgraph", False)
+            or getattr(GPT2LMHeadModel, "_supports_static_cache", False)
+        ):
+            return f"GPT-2 in transformers {transformers.__version__} has no static cache"
+        return None
+
+    @property
+    def compiled(self) -> bool:
+        """True where transformers compiles the decode step (CUDA); False on CPU."""
+        return self.device.startswith("cuda")
+
+    def generate_options(self) -> dict[str, Any]:
+        """A static cache; on CUDA transformers compiles every decode step it runs."""
+        from transformers import CompileConfig
+
+        options: dict[str, Any] = {"cache_implementation": "static"}
+        if self.compiled:
+            options["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        else:
+            options["disable_compile"] = True
+        return options
+
+    def describe(self) -> dict[str, Any]:
+        """HFGenerate's, and whether the steps were compiled."""
+        return {**super().describe(), "cache": "static", "compiled": self.compiled}

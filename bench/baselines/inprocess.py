@@ -27,12 +27,24 @@ class InProcessBaseline(AsyncDriven):
         threads: int | None = None,
         seed: int = 0,
         device: str = "cpu",
+        dtype: str | None = None,
+        cuda_graphs: bool = True,
+        max_num_seqs: int | None = None,
+        gpu_memory_utilization: float | None = None,
     ):
-        """Load ``model`` from ``repo`` on ``device`` with ``threads`` intra-op threads."""
-        from engine.runtime import Engine
+        """Load ``model`` from ``repo`` on ``device`` with the server's engine settings."""
+        from engine.runtime import Engine, EngineConfig
 
         self.seed, self.threads, self.device = seed, threads, device
-        self.engine = Engine.from_repository(repo, model, device=device, threads=threads)
+        config = EngineConfig(
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+            gpu_memory_utilization=gpu_memory_utilization,
+            **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
+        )
+        self.engine = Engine.from_repository(
+            repo, model, device=device, threads=threads, config=config
+        )
         if self.engine.model.task != "generate":
             self.engine.close()
             raise Unavailable(f"model {model!r} does not generate text")

@@ -246,6 +246,11 @@ class LLMEngine:
             "max_num_seqs": self.scheduler.config.max_num_seqs,
             "kv_slots": stats.num_blocks,
             "kv_cache_bytes": self.runner.kv_bytes,
+            "runner": type(self.runner).__name__,
+            "dtype": str(getattr(self.runner, "dtype", None) or self.runner.graph.dtype).replace(
+                "torch.", ""
+            ),
+            "cuda_graphs": getattr(self.runner, "num_graphs", 0),
             "kv_peak_bytes": stats.peak_bytes,
             "preemptions": stats.preemptions,
         }

@@ -53,6 +53,9 @@ class GPTConfig:
 #   engine train decoder-lm --config n_layer=12 --config n_head=12 --config n_embd=768 \
 #       --config block_size=1024
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}
+# GPT-2 medium's shape (355M parameters with GPT-2's vocabulary, ~311M with ours): the larger
+# model bench/gpu.sh serves.
+GPT2_MEDIUM = {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024}
 
 
 def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -92,3 +92,29 @@ def test_an_imported_gpt2_is_benchmarked_against_hf_on_its_own_dir(hf_repo, hf_g
         assert runs[("hf", c)]["same_tokens"]["identical"] == 4, runs[("hf", c)]
     baselines = json.dumps(report)
     assert str(hf_gpt2.resolve()) in baselines  # the weights hf loaded: the directory itself
+
+
+def test_the_static_cache_baseline_makes_the_same_tokens(hf, lm_torch_repo, prompts):
+    """hf-static: transformers' static cache (compiled on CUDA only) against the dynamic one."""
+    from bench.baselines.hf import HFStaticCompiled
+
+    assert HFStaticCompiled.why_unavailable("cpu") is None
+    static = HFStaticCompiled(lm_torch_repo, MODEL, threads=1)
+    try:
+        assert static.warmup_each_load  # a compiled step is specialised to its batch size
+        tokens, times = static.generate(prompts, NEW)
+        assert tokens.tolist() == hf.generate(prompts, NEW)[0].tolist() and len(times) == NEW
+        described = static.describe()
+        assert described["cache"] == "static" and described["compiled"] is False  # CPU
+    finally:
+        static.close()
+
+
+def test_a_dtype_by_name_reaches_the_model_and_a_bad_one_is_refused(lm_torch_repo):
+    from bench.baselines.hf import HFGenerate
+
+    half = HFGenerate(lm_torch_repo, MODEL, threads=1, dtype="bfloat16")
+    assert half.describe()["dtype"] == "bfloat16"
+    half.close()
+    with pytest.raises(Unavailable, match="unknown dtype 'int8'"):
+        HFGenerate(lm_torch_repo, MODEL, threads=1, dtype="int8")

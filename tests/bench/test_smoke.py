@@ -58,11 +58,13 @@ def test_every_baseline_produced_the_servers_greedy_tokens(lm_report):
     runs = {(r["label"], r["concurrency"]): r["same_tokens"] for r in report["runs"]}
     # every load sends prompts of its own (no run repeats an earlier one's): the server's
     # runs set the reference, each baseline is compared at the same load
+    none = {"identical": 0, "identical_prefix": 0, "compared": 0}
     for key in [("grpc", 1), ("grpc", 2)]:
-        assert runs[key] == {"reference": "grpc", "identical": 0, "compared": 0}
+        assert runs[key] == {"reference": "grpc", **none, "prefix_tokens": 32}, key
+    same = {"identical": 4, "identical_prefix": 4, "compared": 4}
     for key in [("inprocess", 1), ("inprocess", 2), ("bare", 1), ("bare", 2)]:
-        assert runs[key] == {"reference": "grpc", "identical": 4, "compared": 4}, key
-    assert "same tokens" in stdout and "4/4" in stdout
+        assert runs[key] == {"reference": "grpc", **same, "prefix_tokens": 32}, key
+    assert "same tokens" in stdout and "4/4 (4 in first 32)" in stdout
 
 
 def test_a_baseline_with_other_tokens_is_counted_as_different():
@@ -74,8 +76,13 @@ def test_a_baseline_with_other_tokens_is_counted_as_different():
     record = lambda ids: RequestRecord(0.0, [1.0] * len(ids), 3, ids)  # noqa: E731
     assert bench._same_tokens("grpc", [record([5, 6]), record([7, 8])])["compared"] == 0
     other = bench._same_tokens("hf", [record([5, 6]), record([7, 9]), record([1, 2])])
-    assert other == {"reference": "grpc", "identical": 1, "compared": 2}
+    assert (other["reference"], other["identical"], other["compared"]) == ("grpc", 1, 2)
     assert bench._same_tokens("grpc", [record([5, 6])] * 3)["compared"] == 2  # 3rd joins now
+    bench.reference = None
+    bench._same_tokens("grpc", [record([1] * 40), record([2] * 40)])
+    parted = [record([1] * 40), record([2] * 32 + [3] * 8)]  # the 2nd parts after 32 tokens
+    agree = bench._same_tokens("hf", parted)
+    assert (agree["identical"], agree["identical_prefix"], agree["prefix_tokens"]) == (1, 2, 32)
 
 
 def test_the_plots_are_written(lm_report):
@@ -140,7 +147,8 @@ def test_the_workload_and_its_parameters_are_in_the_report(lm_repo, tmp_path, wo
         s = run["stats"]
         assert s["completed"] == 8 and 0 <= s["good"] <= 8 and s["goodput"] is not None
     # the static-batch loop (left-padded, cut at each request's length) gives the same tokens
-    assert bare["same_tokens"] == {"reference": "inprocess", "identical": 8, "compared": 8}
+    same = bare["same_tokens"]
+    assert (same["reference"], same["identical"], same["compared"]) == ("inprocess", 8, 8)
     if workload == "mixed":
         assert spec["input_lens"]["max"] >= spec["input_lens"]["min"] and spec["sigma"] == 1.0
         assert len({r["stats"]["output_tokens"] for r in (inprocess, bare)}) == 1
