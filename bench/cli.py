@@ -136,7 +136,11 @@ def run_cmd(
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up requests per baseline.")] = 2,
     seed: Annotated[int, typer.Option(help="Prompts, arrivals, image seeds.")] = 0,
     baselines: Annotated[
-        str, typer.Option(help="Comma list of grpc, inprocess, bare, hf, optimum.")
+        str,
+        typer.Option(
+            help="Comma list of grpc, inprocess, bare, hf, optimum, llamacpp (GGUF f32), "
+            "llamacpp-q8_0; hf needs .[bench], optimum .[optimum], llamacpp .[llamacpp]."
+        ),
     ] = "grpc,inprocess,bare",
     batching: Annotated[
         str, typer.Option(help="Classifier/GAN: dynamic batching on, off or on,off.")

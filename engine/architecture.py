@@ -205,3 +205,12 @@ class Architecture(ABC):
     def artifact_files(self, ckpt_dir: Path) -> list[Path]:
         """Files besides the weights that the export copies into the model repository."""
         return []
+
+    def heldout_examples(self, config: Any, ckpt_dir: Path) -> tuple[dict[str, Any], Any] | None:
+        """Held-out inputs of the main graph and their targets, for a quantized export's check.
+
+        ``generate``: ``input_ids`` and ``attention_mask`` (N, T) with targets (N, T), the next
+        ids; ``classify``: the graph's inputs with the labels (N,). None (the default): no
+        held-out data, so ``engine export --int8`` cannot be validated.
+        """
+        return None

@@ -175,6 +175,9 @@ def export_cmd(
     name: Annotated[str | None, typer.Option(help="Model name [architecture].")] = None,
     format: Annotated[str, typer.Option("--format", help="onnx, tensorrt or torch.")] = "onnx",
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision graph (for GPUs).")] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="8-bit weights (CPUs), checked on held-out data.")
+    ] = False,
     opset: Annotated[int | None, typer.Option(help="ONNX opset.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch (TensorRT).")] = 16,
     max_seq: Annotated[int | None, typer.Option(min=1, help="Longest sequence.")] = None,
@@ -192,6 +195,7 @@ def export_cmd(
     options = ExportOptions(
         name=name,
         fp16=fp16,
+        int8=int8,
         opset=opset,
         max_batch=max_batch,
         max_seq=max_seq,

@@ -51,6 +51,10 @@ class AgreementTooLow(ValidationError):
     """Top-1 agreement with PyTorch (tokens or labels) is below the required fraction."""
 
 
+class QuantizedAccuracyTooLow(ValidationError):
+    """A quantized graph loses more accuracy against fp32 on held-out data than the floors allow."""
+
+
 class LabelMismatch(ValidationError):
     """An fp32 classifier graph predicted a different label than PyTorch for some input."""
 
@@ -88,6 +92,7 @@ class ExportOptions:
 
     name: str | None = None  # model name in the repository; None: the architecture's name
     fp16: bool = False  # half-precision weights (GPUs; slower on CPU)
+    int8: bool = False  # 8-bit weights (MatMulNBits): ~4x smaller, faster on CPU
     opset: int | None = None  # None: exporters.onnx_graph.DEFAULT_OPSET
     max_batch: int = 16  # largest batch a TensorRT profile covers
     max_seq: int | None = None  # None: the model's context length

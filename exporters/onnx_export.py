@@ -24,11 +24,18 @@ from exporters.provenance import (
     library_versions,
     manifest_header,
 )
+from exporters.quantize import quantize_graph
 from exporters.source import ModelSource
 
 MAIN_FILE = "model.onnx"
 # Example sizes for tracing: distinct and >= 2 so torch.export keeps every axis symbolic.
 TRACE_SIZES = {"batch": 2, "seq": 3, "past": 5}
+QUANTIZED_TASKS = ("generate", "classify")  # tasks with held-out accuracy floors
+INT8_NOTE = (
+    "int8: weight-only 8-bit MatMulNBits (onnxruntime's MatMulNBitsQuantizer), embedding lookups "
+    "as GatherBlockQuantized sharing the tied output head's weights; activations are quantized "
+    "per row inside the kernel, so a request's output does not depend on its batch. For CPUs."
+)
 FP16_NOTE = (
     "fp16 halves the file size and is meant for GPUs (CUDA / TensorRT execution). On CPU, "
     "onnxruntime runs it no faster and often slower than fp32: it has few fp16 kernels and "
@@ -141,6 +148,7 @@ def _export(
 
     arch, config, model, ckpt_dir = source.arch, source.config, source.model, source.artifacts_dir
     name = options.name or source.name
+    _check_precision(arch, options, post)
     opset = options.opset or DEFAULT_OPSET
     serving = arch.serving_metadata(config, ckpt_dir)
     max_seq = options.max_seq or context_length(serving)
@@ -161,6 +169,9 @@ def _export(
             if options.fp16:
                 with stages.stage(f"fp16 {variant}"), _graph_step("convert to fp16", variant):
                     info["fp16"] = to_fp16(tmp / file)
+            if options.int8:
+                with stages.stage(f"int8 {variant}"), _graph_step("quantize to int8", variant):
+                    info["int8"] = quantize_graph(tmp / file)
             tolerance = {
                 k: getattr(signature, k) for k in ("atol", "rtol", "fp16_atol", "fp16_rtol")
             }
@@ -176,6 +187,7 @@ def _export(
                 fp16=options.fp16,
                 stages=stages,
                 reference=source.reference,
+                int8=options.int8,
             )
         else:
             validation = {"validated": False, "reason": "skipped with --no-validate"}
@@ -191,7 +203,7 @@ def _export(
             )
             manifest = Manifest(
                 **header,
-                precision="fp16" if options.fp16 else "fp32",
+                precision=precision(options),
                 export_options=asdict(options),
                 max_seq=max_seq,
                 main_graph=next(iter(graphs)),
@@ -200,7 +212,9 @@ def _export(
                 validation=validation,
                 sections={
                     "opset": opset,
-                    "precision_note": FP16_NOTE if options.fp16 else None,
+                    "precision_note": {"fp16": FP16_NOTE, "int8": INT8_NOTE}.get(
+                        precision(options)
+                    ),
                     **built,
                     "timings_s": dict(stages.seconds),
                 },
@@ -209,6 +223,28 @@ def _export(
     if post is not None:
         post.commit()
     return Path(repo) / name / str(version)
+
+
+def precision(options: ExportOptions) -> str:
+    """The weight precision an export writes: fp32, fp16 or int8."""
+    return "int8" if options.int8 else "fp16" if options.fp16 else "fp32"
+
+
+def _check_precision(arch: Any, options: ExportOptions, post: PostBuild | None) -> None:
+    """Refuse what int8 cannot do before any tracing: fail fast, write nothing."""
+    if not options.int8:
+        return
+    if options.fp16:
+        raise ExportError("--int8 and --fp16 exclude each other: pick one precision")
+    if post is not None:
+        raise ExportError(
+            f"--int8 is for onnxruntime on CPUs; {post.name} cannot build from MatMulNBits graphs"
+        )
+    if arch.task not in QUANTIZED_TASKS:
+        raise ExportError(
+            f"--int8 is checked for {' and '.join(QUANTIZED_TASKS)} models only; {arch.name} "
+            f"is a {arch.task} model: export it in fp32"
+        )
 
 
 @contextlib.contextmanager

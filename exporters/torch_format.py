@@ -42,6 +42,8 @@ class TorchFormat(ExportFormat):
         from exporters.progress import Stages
         from exporters.source import open_source
 
+        if options.int8:
+            raise ExportError("--int8 is an ONNX export (MatMulNBits for onnxruntime on CPUs)")
         with Stages(options.progress) as stages, contextlib.ExitStack() as stack:
             with stages.stage("load model"):
                 source = stack.enter_context(open_source(Path(ckpt_dir)))

@@ -25,6 +25,8 @@ REGISTRY: dict[str, str] = {
     "hf": "bench.baselines.hf:HFGenerate",
     "hf-static": "bench.baselines.hf:HFStaticCompiled",  # static cache + torch.compile on CUDA
     "optimum": "bench.baselines.optimum:OptimumORT",
+    "llamacpp": "bench.baselines.llamacpp:LlamaCpp",  # GGUF f32 (needs the llamacpp extra)
+    "llamacpp-q8_0": "bench.baselines.llamacpp:LlamaCppQ8",  # GGUF q8_0
 }
 
 

@@ -29,6 +29,9 @@ from plugins.stdlib_text import EOT, PAD
 
 EOT_ID, PAD_ID = 0, 1  # stdlib_text's fixed special-token order
 QUALITY_BAR_NATS = 2.0  # held-out CE must beat the unigram model by this much (the issue's bar)
+# Held-out positions a quantized export is scored on: 8k teacher-forced tokens give top-1
+# agreement to +-0.15% (one standard error at 98%), in seconds even at GPT-2-small size.
+HELDOUT_WINDOWS, HELDOUT_WINDOW = 64, 128
 
 
 @dataclass
@@ -150,6 +153,17 @@ class DecoderLM(Architecture):
     def artifact_files(self, ckpt_dir: Path) -> list[Path]:
         """The tokenizer travels with the exported graph."""
         return [Path(ckpt_dir) / lm_data.TOKENIZER_FILE]
+
+    def heldout_examples(
+        self, config: DecoderLMConfig, ckpt_dir: Path
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Fixed held-out windows (64 x up to 128 tokens) and their next tokens."""
+        tokenizer = lm_data.load_tokenizer(Path(ckpt_dir) / lm_data.TOKENIZER_FILE)
+        stream = lm_data.heldout_stream(tokenizer, config.heldout_fraction)
+        width = min(config.block_size, HELDOUT_WINDOW)
+        windows = lm_data.fixed_windows(stream, width + 1, HELDOUT_WINDOWS)  # (N, T+1)
+        ids = windows[:, :-1]
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}, windows[:, 1:]
 
     # -- inspection ----------------------------------------------------------------------------
     @torch.no_grad()

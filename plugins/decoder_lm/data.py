@@ -54,6 +54,12 @@ def load_streams(
     return train, heldout, tokenizer, info
 
 
+def heldout_stream(tokenizer, heldout_fraction: float) -> np.ndarray:
+    """The held-out stdlib files alone as one uint16 token stream (cached; no train files read)."""
+    heldout_files = split_files(stdlib_files(), heldout_fraction)[1]
+    return encode_files(tokenizer, heldout_files, "heldout")
+
+
 def random_windows(
     tokens: np.ndarray, length: int, batch: int, rng: np.random.Generator
 ) -> Iterator[np.ndarray]:

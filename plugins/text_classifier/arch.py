@@ -372,6 +372,24 @@ class TextClassifierArch(Architecture):
         """The tokenizer and the label names."""
         return [Path(ckpt_dir) / TOKENIZER_FILE, Path(ckpt_dir) / LABELS_FILE]
 
+    def heldout_examples(
+        self, config: TextClassifierConfig, ckpt_dir: Path
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The held-out docstrings (whole files never trained on), shortest first, and labels."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(ckpt_dir) / TOKENIZER_FILE))
+        labels = json.loads((Path(ckpt_dir) / LABELS_FILE).read_text())
+        heldout = textdata.labeled_splits(
+            tok, labels, config.min_words, config.heldout_fraction, config.max_len
+        )[1]
+        order = np.argsort(heldout.lengths, kind="stable")  # rows of a chunk share a width
+        ids, lengths = heldout.ids[order], heldout.lengths[order]
+        width = int(lengths.max())
+        return {"input_ids": ids[:, :width], "attention_mask": _mask(lengths, width)}, (
+            heldout.labels[order]
+        )
+
 
 def _mask(lengths: np.ndarray, width: int) -> np.ndarray:
     """A (N, width) int64 mask: 1 for the first ``length`` positions of each row, 0 after."""
