@@ -77,12 +77,12 @@ def make_variant(repo: Path, model: str, name: str) -> str:
 
 def heldout(repo: Path, model: str) -> tuple[np.ndarray, np.ndarray, Any, GreedyDecoder]:
     """The decoder's held-out windows and targets, the fp32 manifest, a default-graph driver."""
-    from engine.plugins import architectures
+    from engine.plugins import get_architecture
     from engine.repository import read_manifest, version_dir
 
     path = version_dir(repo, model)
     manifest = read_manifest(path)
-    arch = architectures()[manifest.architecture]
+    arch = get_architecture(manifest.architecture)[0]
     config = arch.config_class(**manifest.checkpoint["config"])
     feeds, targets = arch.heldout_examples(config, path)
     shapes = {k: v.shape for k, v in arch.example_inputs(config, 1, 1, 0).items()}
@@ -220,6 +220,9 @@ def main() -> None:
         for streams in (1, 16):
             runs = speed[scheme][streams]
             entry[f"tok_s_{streams}"] = runs
+            if not runs:  # --rounds 0: accuracy, size and batch invariance only
+                cells.append("-")
+                continue
             cells.append(f"{statistics.median(runs):,.0f} ({min(runs):,.0f}-{max(runs):,.0f})")
         print(
             f"| {scheme} | {entry['kv_inplace_bytes'] / 1e6:.1f} | {entry['top1_agreement']:.4f} "

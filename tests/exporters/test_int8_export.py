@@ -59,7 +59,11 @@ def _weights_left_fp32(path) -> list[str]:
     Position tables (a context's worth of rows) stay fp32, as llama.cpp keeps them.
     """
     graph = onnx.load(str(path)).graph
-    floats = {t.name: t.dims[0] for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    floats = {
+        t.name: (list(t.dims) or [1])[0]
+        for t in graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+    }
     return [
         n.name
         for n in graph.node
