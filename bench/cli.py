@@ -138,8 +138,8 @@ def run_cmd(
     baselines: Annotated[
         str,
         typer.Option(
-            help="Comma list of grpc, inprocess, bare, hf, optimum, llamacpp (GGUF f32), "
-            "llamacpp-q8_0; hf needs .[bench], optimum .[optimum], llamacpp .[llamacpp]."
+            help="Comma list of grpc, inprocess, bare, hf, hf-static, optimum, llamacpp (GGUF "
+            "f32), llamacpp-q8_0; hf needs .[bench], optimum .[optimum], llamacpp .[llamacpp]."
         ),
     ] = "grpc,inprocess,bare",
     batching: Annotated[
