@@ -281,6 +281,9 @@ def serve_cmd(
     max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests per model.")] = 256,
     max_message_mb: Annotated[float, typer.Option(min=0.001, help="Largest request.")] = 4.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+    version_policy: Annotated[
+        str, typer.Option(help="Versions served per model: latest:N, specific:1,3 or all.")
+    ] = "latest:1",
 ) -> None:
     """Serve every model of a repository over gRPC (engine.v1 + KServe v2) until SIGTERM."""
     from engine.server.cli_commands import serve
@@ -310,6 +313,7 @@ def serve_cmd(
         max_waiting=max_waiting,
         max_message_mb=max_message_mb,
         log_level=log_level,
+        version_policy=version_policy,
     )
 
 

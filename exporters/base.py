@@ -11,6 +11,7 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.errors import EngineError
 
@@ -114,3 +115,20 @@ class ExportFormat(ABC):
         ``options.force`` overwrites the latest version instead of adding one. Nothing is left
         in ``repo`` when the export fails.
         """
+
+
+def check_contract(manifest: Any, root: Path | None = None) -> None:
+    """Refuse to write a version the server could not load (the serving contract of its task)."""
+    from engine.serving_contract import ServingContractError, check_serving
+
+    try:
+        check_serving(manifest, f"{manifest.architecture} export", root)
+    except ServingContractError as exc:
+        raise ExportError(f"{exc}; see 'The serving contract' in docs/plugins.md") from None
+
+
+def check_serving_keys(arch: Any, serving: dict[str, Any], fmt: str) -> None:
+    """The contract's serving keys, before any tracing (the graphs are checked at the end)."""
+    from engine.repository import Manifest
+
+    check_contract(Manifest("check", 1, fmt, arch.task, arch.name, serving=serving))

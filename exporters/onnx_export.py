@@ -16,7 +16,13 @@ from typing import Any, Protocol
 
 from engine.errors import EngineError
 from engine.repository import Manifest, staged_version, write_manifest
-from exporters.base import ExportError, ExportOptions, copy_artifact
+from exporters.base import (
+    ExportError,
+    ExportOptions,
+    check_contract,
+    check_serving_keys,
+    copy_artifact,
+)
 from exporters.onnx_graph import DEFAULT_OPSET, graph_io, optimize, to_fp16, trace
 from exporters.progress import Stages
 from exporters.provenance import (
@@ -151,6 +157,7 @@ def _export(
     _check_precision(arch, options, post)
     opset = options.opset or DEFAULT_OPSET
     serving = arch.serving_metadata(config, ckpt_dir)
+    check_serving_keys(arch, serving, fmt)
     max_seq = options.max_seq or context_length(serving)
     model.eval()
     with staged_version(repo, name, options.force) as (tmp, version):
@@ -219,6 +226,7 @@ def _export(
                     "timings_s": dict(stages.seconds),
                 },
             )
+            check_contract(manifest, tmp)
             write_manifest(tmp, manifest)
     if post is not None:
         post.commit()

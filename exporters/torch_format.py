@@ -73,11 +73,12 @@ def _write_version(source: Any, model_dir: Path, stages: Any, options: ExportOpt
     from engine.atomic import write_json
     from engine.configs import config_to_dict
     from engine.repository import Manifest, staged_version, write_manifest
-    from exporters.base import copy_artifact
+    from exporters.base import check_contract, check_serving_keys, copy_artifact
     from exporters.provenance import context_length, library_versions, manifest_header
 
     arch, config, model, ckpt_dir = source.arch, source.config, source.model, source.artifacts_dir
     serving = arch.serving_metadata(config, ckpt_dir)
+    check_serving_keys(arch, serving, FORMAT)
     name = model_dir.name
     with staged_version(model_dir.parent, name, options.force) as (tmp, version):
         for src in arch.artifact_files(ckpt_dir):  # first: a missing tokenizer fails fast
@@ -124,6 +125,7 @@ def _write_version(source: Any, model_dir: Path, stages: Any, options: ExportOpt
                     "timings_s": dict(stages.seconds),
                 },
             )
+            check_contract(manifest, tmp)
             write_manifest(tmp, manifest)
     return model_dir / str(version)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
 DEFAULT_OUT = REPO_ROOT / "engine" / "proto"
-PROTOS = ("engine/v1/engine.proto", "kserve/grpc_predict_v2.proto")
+PROTOS = ("engine/v1/engine.proto", "kserve/model_config.proto", "kserve/grpc_predict_v2.proto")
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 

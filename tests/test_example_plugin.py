@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, run_cli
@@ -81,14 +82,53 @@ def test_engine_plugins_lists_it_as_an_entry_point(site):
     assert "entry point" in row and "0.1.0" in row
 
 
-def test_engine_train_meets_the_bar(site, tmp_path):
-    out = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def trained(site, tmp_path_factory):
+    """The example trained with its default config: (checkpoint dir, the command's output)."""
+    out = tmp_path_factory.mktemp("example-run") / "ckpt"
     result = run_cli("train", NAME, "--out", str(out), "--no-progress", env=_env(site))
     assert result.returncode == 0, result.stderr
-    assert "PASS" in result.stdout
+    return out, result.stdout
+
+
+def test_engine_train_meets_the_bar(trained):
+    out, stdout = trained
+    assert "PASS" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.95 > metrics["baseline_accuracy"]
     assert metrics["quality"]["passed"]
     meta = json.loads((out / "config.json").read_text())
     assert meta["architecture"] == NAME and meta["task"] == "classify"
     assert (out / "model.safetensors").exists()
+
+
+def test_the_example_exports_serves_and_classifies_through_tritonclient(site, trained, tmp_path):
+    """The serving contract: a tensor classifier (pixels in) served over KServe."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from sklearn.datasets import load_digits
+
+    from tests.server.conftest import ServerProcess
+
+    ckpt, _ = trained
+    repo = tmp_path / "repo"
+    done = run_cli("export", str(ckpt), "--repo", str(repo), "--no-progress", env=_env(site))
+    assert done.returncode == 0, done.stderr
+    server = ServerProcess("--repo", str(repo), "--grace", "2")
+    try:
+        client = grpcclient.InferenceServerClient(server.target)
+        assert client.is_model_ready(NAME)
+        metadata = client.get_model_metadata(NAME)
+        assert [(i.name, i.datatype, list(i.shape)) for i in metadata.inputs] == [
+            ("pixels", "FP32", [-1, 1, 8, 8])
+        ]
+        digits = load_digits()
+        pixels = (digits.images[:64] / 16.0).astype(np.float32)[:, None]  # (64, 1, 8, 8)
+        tensor = grpcclient.InferInput("pixels", list(pixels.shape), "FP32")
+        tensor.set_data_from_numpy(pixels)
+        result = client.infer(NAME, [tensor])
+        labels = [int(x.decode()) for x in result.as_numpy("label")]
+        assert np.mean(np.array(labels) == digits.target[:64]) >= 0.9
+        assert result.as_numpy("probabilities").shape == (64, 10)
+    finally:
+        assert server.terminate() == 0
+        server.kill()

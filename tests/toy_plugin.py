@@ -92,7 +92,7 @@ class ToyRegression(Architecture):
         return {"x": rng.normal(size=(batch, config.features)).astype(np.float32)}
 
     def serving_metadata(self, config, ckpt_dir):
-        return {"labels": ["y"]}
+        return {"labels": ["y"], "input": "x"}  # a tensor classifier (the serving contract)
 
 
 @hookimpl

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from engine.runtime.backends import BackendOptions
-from engine.runtime.batched_engines import ClassifierEngine, ImageEngine
+from engine.runtime.batched_engines import ClassifierEngine, ImageEngine, TensorClassifierEngine
 from engine.runtime.batcher import BatcherConfig
 from engine.runtime.errors import ModelSignatureError
 from engine.runtime.llm_engine import EngineConfig, LLMEngine
 from engine.runtime.loader import open_version
+from engine.serving_contract import check_serving, classify_input
 
-AnyEngine = LLMEngine | ClassifierEngine | ImageEngine
+AnyEngine = LLMEngine | ClassifierEngine | TensorClassifierEngine | ImageEngine
 
 
 class Engine:
@@ -40,12 +41,15 @@ class Engine:
         ``sample_images`` an :class:`ImageEngine` (``await engine.sample_images(digits)``).
         """
         mv = open_version(repo, model, version)
+        check_serving(mv.manifest, f"model {mv.name!r} version {mv.version}", mv.path)
         if mv.task == "generate":
             return LLMEngine.from_version(
                 mv, device=device, backend=backend, threads=threads, config=config, spin=spin
             )
         options = BackendOptions(device=device, intra_op_threads=threads, spin=spin)
         engines: dict[str, Any] = {"classify": ClassifierEngine, "sample_images": ImageEngine}
+        if mv.task == "classify" and classify_input(mv.serving) != "text":
+            engines["classify"] = TensorClassifierEngine
         if mv.task not in engines:
             raise ModelSignatureError(f"model {mv.name!r} has task {mv.task!r}: nothing serves it")
         graph = mv.load(mv.manifest.main_graph or "default", options, backend)

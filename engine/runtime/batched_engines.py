@@ -137,15 +137,54 @@ class ClassifierEngine(_BatchedEngine):
         if not texts:
             return []
         out = await self.batcher.submit(self.encode(texts))
-        logits = next(iter(out.values())).astype(np.float64)  # (N, classes)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = _softmax(next(iter(out.values())))  # (N, classes)
         order = np.argsort(-probs, axis=1)[:, : max(1, top_k)]
         results = []
         for p, idx in zip(probs, order):
             top = [(self.labels[i], float(p[i])) for i in idx]
             results.append(Classification(top[0][0], top[0][1], top))
         return results
+
+
+class TensorClassifierEngine(_BatchedEngine):
+    """``classify`` of a tensor (``serving.input``, e.g. pixels): rows in, probabilities out."""
+
+    task = "classify"
+
+    def __init__(self, model: ModelVersion, backend: Backend, batcher: BatcherConfig | None = None):
+        super().__init__(model, backend, batcher)
+        self.labels: list[str] = list(model.serving["labels"])
+        self.input_name = str(model.serving["input"])
+        spec = next(t for t in model.graph(model.manifest.main_graph or "default")["inputs"])
+        self.input_dtype = np.dtype(spec["dtype"])
+        self.input_shape = tuple(spec["shape"][1:])  # after the batch axis; strings are dynamic
+
+    async def classify_tensor(self, rows: np.ndarray) -> np.ndarray:
+        """Label probabilities (N, labels) of ``rows`` (N, *input shape)."""
+        fixed = [d for d in self.input_shape]
+        if rows.ndim != 1 + len(fixed) or any(
+            isinstance(d, int) and d != a for d, a in zip(fixed, rows.shape[1:])
+        ):
+            raise InvalidSamplingParamsError(
+                f"input {self.input_name!r} must have shape (N, {', '.join(map(str, fixed))}), "
+                f"got {tuple(rows.shape)}"
+            )
+        out = await self.batcher.submit({self.input_name: rows.astype(self.input_dtype)})
+        return _softmax(next(iter(out.values())))
+
+    async def classify(self, texts: Any, top_k: int = 5) -> list[Classification]:
+        """Refused: this model classifies tensors, not texts."""
+        raise ModelSignatureError(
+            f"model {self.model.name!r} classifies {self.input_name!r} tensors, not texts; "
+            "send that tensor over KServe ModelInfer"
+        )
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, (N, classes)."""
+    logits = logits.astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
 
 
 class ImageEngine(_BatchedEngine):

@@ -64,6 +64,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batch_sizes: Counter[int] = Counter()  # rows per backend call, for metrics
+        self.batch_ns: Counter[int] = Counter()  # time in backend calls by rows, for statistics
 
     async def submit(self, inputs: Arrays) -> Arrays:
         """Queue ``inputs`` (rows on axis 0) and return the outputs for exactly those rows."""
@@ -135,7 +136,9 @@ class DynamicBatcher:
         self.batch_sizes[rows] += 1
         try:
             inputs = self.collate([p.inputs for p in batch])
+            start = time.perf_counter_ns()
             outputs = await asyncio.to_thread(self.run_batch, inputs)
+            self.batch_ns[rows] += time.perf_counter_ns() - start
         except Exception as exc:  # every caller of the batch gets the error
             for p in batch:
                 if not p.future.done():

@@ -20,12 +20,13 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from engine.errors import EngineError
-from engine.proto import POOL, engine_pb2, engine_pb2_grpc, grpc_predict_v2_pb2
+from engine.proto import POOL, engine_pb2, engine_pb2_grpc, grpc_predict_v2_pb2, model_config_pb2
 from engine.proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from engine.server import logs
 from engine.server.auth import BearerTokenInterceptor
 from engine.server.engine_service import EngineService
 from engine.server.kserve_service import KServeService
+from engine.server.lifecycle import ModelManager
 from engine.server.metrics import ServerMetrics
 from engine.server.models import ModelSet, ServedModel
 from engine.server.serving import Limits, Serving, safe_deserializer
@@ -101,7 +102,9 @@ def _add_service(server: grpc.aio.Server, add: Callable, servicer: Any) -> None:
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
     """A pool holding every served file, so reflection (grpcurl) describes all services."""
     pool = descriptor_pool.DescriptorPool()
-    for module in filter(None, (engine_pb2, grpc_predict_v2_pb2, health_pb2, reflection_pb2)):
+    for module in filter(
+        None, (engine_pb2, model_config_pb2, grpc_predict_v2_pb2, health_pb2, reflection_pb2)
+    ):
         proto = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(proto)
         pool.Add(proto)
@@ -116,12 +119,20 @@ class EngineServer:
         models: ModelSet | Iterable[ServedModel],
         config: ServerConfig | None = None,
         metrics: ServerMetrics | None = None,
+        manager: ModelManager | None = None,
     ):
+        """Serve ``models``; with ``manager`` (its ModelSet), also Triton's repository control."""
         self.config = config or ServerConfig()
+        if manager is not None:
+            models = manager.models
         self.models = models if isinstance(models, ModelSet) else ModelSet(models)
         self.metrics = metrics or ServerMetrics()
         self.serving = Serving(self.models, self.metrics, self.config.limits)
-        self.kserve = KServeService(self.serving)
+        self.manager = manager
+        if manager is not None:
+            manager.serving = self.serving
+            manager.on_change = self._model_changed
+        self.kserve = KServeService(self.serving, manager)
         self.health = health.aio.HealthServicer() if health is not None else None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -132,12 +143,23 @@ class EngineServer:
         return ["", ENGINE_SERVICE, KSERVE_SERVICE, *self.models.names()]
 
     async def _set_health(self, status: str) -> None:
-        """Report ``status`` (SERVING, NOT_SERVING) for the server and every model, if on."""
+        """Report ``status`` (SERVING, NOT_SERVING) for the server and every model, if on.
+
+        Models that failed to load (or were unloaded) stay NOT_SERVING either way.
+        """
         if self.health is None:
             return
         value = health_pb2.HealthCheckResponse.ServingStatus.Value(status)
         for name in self._health_names():
             await self.health.set(name, value)
+        for name in self.models.unavailable:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _model_changed(self, name: str, ready: bool) -> None:
+        """A model was loaded or unloaded (or failed): its health status follows."""
+        if self.health is not None and self._server is not None and not self.kserve.draining:
+            status = health_pb2.HealthCheckResponse
+            await self.health.set(name, status.SERVING if ready else status.NOT_SERVING)
 
     async def start(self) -> int:
         """Bind, register everything and start serving; return the bound port."""
@@ -200,6 +222,7 @@ class EngineServer:
             auth=bool(cfg.auth_token),
             metrics_port=self.metrics_port,
             models=self.models.names(),
+            not_ready=sorted(self.models.unavailable),
         )
         return self.port
 

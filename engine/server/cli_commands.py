@@ -52,6 +52,7 @@ def serve(
     max_waiting: int = 256,
     max_message_mb: float = 4.0,
     log_level: str = "INFO",
+    version_policy: str = "latest:1",
 ) -> None:
     """Serve every model of ``repo`` (or the comma-separated ``models``) until SIGTERM/SIGINT.
 
@@ -63,7 +64,8 @@ def serve(
     from engine.runtime.llm_engine import EngineConfig
     from engine.server import logs
     from engine.server.app import EngineServer, ServerConfig
-    from engine.server.loader import load_models
+    from engine.server.lifecycle import ModelManager, VersionPolicy
+    from engine.server.loader import open_served
     from engine.server.serving import Limits
 
     if bool(tls_cert) != bool(tls_key):
@@ -98,29 +100,33 @@ def serve(
         from engine.runtime import backends
 
         backends.share_thread_pool(threads or os.cpu_count() or 1)
+    policy = VersionPolicy.parse(version_policy)
+    engine_kwargs = {
+        "device": device,
+        "backend": backend,
+        "threads": threads,
+        "spin": spin,
+        "batcher": batcher,
+        "config": EngineConfig(
+            max_num_seqs=max_num_seqs,
+            kv_cache_bytes=kv_cache_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+        ),
+    }
+
+    def opener(repo_path: Path, name: str, version: int):
+        return open_served(repo_path, name, version, **engine_kwargs)
 
     async def main() -> None:
-        served = await load_models(
-            Path(repo),
-            names,
-            device=device,
-            backend=backend,
-            threads=threads,
-            spin=spin,
-            batcher=batcher,
-            config=EngineConfig(
-                max_num_seqs=max_num_seqs,
-                kv_cache_bytes=kv_cache_bytes,
-                gpu_memory_utilization=gpu_memory_utilization,
-                dtype=dtype,
-                cuda_graphs=cuda_graphs,
-            ),
-        )
-        server = EngineServer(served, config)
+        manager = ModelManager(Path(repo), opener, policy)
+        await manager.load_all(names)
+        server = EngineServer(manager.models, config, manager=manager)
         try:
             await server.start()
         except BaseException:
-            for model in served:
+            for model in manager.models:
                 await model.close()
             raise
         scheme = "grpcs" if config.tls_cert else "grpc"

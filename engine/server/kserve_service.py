@@ -17,98 +17,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import uuid
-from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 
 from engine import __version__
 from engine.proto import grpc_predict_v2_pb2 as pb
 from engine.proto import grpc_predict_v2_pb2_grpc
 from engine.server import logs
-from engine.server import params as sampling
-from engine.server.errors import ServingError, invalid, status_of
-from engine.server.models import Chunk, ModelCard, ServedModel
+from engine.server.codecs import Outputs, TensorSig, codec_for
+from engine.server.errors import ServingError, invalid, not_found, status_of
+from engine.server.lifecycle import load_config
+from engine.server.models import ModelCard, ServedModel
 from engine.server.serving import Call, Serving, check_parsed
-from engine.server.tensors import add_output, decode_inputs
+from engine.server.statistics import VersionStats, triton_stats
+from engine.server.tensors import add_output
+from engine.server.triton_config import model_config
 
 SERVER_NAME = "engine"
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
-MAX_SEED = 2**63 - 1
 _STREAM_QUEUE = 64  # responses buffered per stream before producers wait for the client
-
-
-@dataclass(frozen=True)
-class TensorSig:
-    """One input or output a task's KServe signature declares."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    accepts: tuple[str, ...] = ()  # input datatypes taken besides ``datatype``
 
 
 def signature(card: ModelCard) -> tuple[tuple[TensorSig, ...], tuple[TensorSig, ...]]:
     """(inputs, outputs) of ``card``'s task on the KServe protocol."""
-    if card.task == "generate":
-        return (TensorSig("text_input", "BYTES", (-1,)),), (
-            TensorSig("text_output", "BYTES", (-1,)),
-            TensorSig("token_ids", "INT64", (-1,)),
-            TensorSig("finish_reason", "BYTES", (-1,)),
-            TensorSig("prompt_tokens", "INT64", (-1,)),
-            TensorSig("completion_tokens", "INT64", (-1,)),
-        )
-    if card.task == "classify":
-        return (TensorSig("text", "BYTES", (-1,)),), (
-            TensorSig("label", "BYTES", (-1,)),
-            TensorSig("label_id", "INT64", (-1,)),
-            TensorSig("probabilities", "FP32", (-1, len(card.labels))),
-        )
-    return (TensorSig("digit", "INT64", (-1,), accepts=("INT32",)),), (
-        TensorSig("image", "FP32", (-1, *card.image_shape)),
-    )
-
-
-def _take_input(request: Any, card: ModelCard) -> np.ndarray:
-    """The task's one input as a flat array, after checking names, datatype and shape."""
-    (sig,), _ = signature(card)
-    inputs = decode_inputs(request)
-    wanted = f"{sig.name!r} ({sig.datatype}, shape {list(sig.shape)})"
-    unknown = [name for name in inputs if name != sig.name]
-    if unknown:
-        raise invalid(f"model {card.name!r} has no input {unknown[0]!r}; it takes {wanted}")
-    if sig.name not in inputs:
-        raise invalid(f"input {sig.name!r} is missing; model {card.name!r} takes {wanted}")
-    datatype, array = inputs[sig.name]
-    if datatype != sig.datatype and datatype not in sig.accepts:
-        raise invalid(f"input {sig.name!r} is {datatype}; model {card.name!r} takes {wanted}")
-    if array.ndim == 2 and array.shape[1] == 1:
-        array = array[:, 0]  # [N, 1]: a batch of single elements, as Triton clients often send
-    if array.ndim != 1:
-        raise invalid(f"input {sig.name!r} has shape {list(array.shape)}; expected [N] or [N, 1]")
-    return array
-
-
-def _texts(array: np.ndarray, name: str) -> list[str]:
-    out = []
-    for i, item in enumerate(array):
-        try:
-            out.append(item.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise invalid(f"input {name!r} element {i} is not UTF-8 text: {exc}") from None
-    return out
+    codec = codec_for(card)
+    return codec.inputs(card), codec.outputs(card)
 
 
 class KServeService(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
     """ServerLive/Ready, ModelReady, metadata, ModelInfer and ModelStreamInfer."""
 
-    def __init__(self, serving: Serving):
+    def __init__(self, serving: Serving, manager: Any = None):
         self.serving = serving
+        self.manager = manager  # engine.server.lifecycle.ModelManager: repository control
         self.draining = False  # set at shutdown: ServerReady turns false for load balancers
 
     # -- health and metadata ------------------------------------------------------------------
@@ -133,7 +77,10 @@ class KServeService(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Name, version and protocol extensions."""
         return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=__version__, extensions=["parameters", "streaming"]
+            name=SERVER_NAME,
+            version=__version__,
+            extensions=["parameters", "streaming", "model_configuration", "statistics"]
+            + (["model_repository"] if self.manager is not None else []),
         )
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -142,14 +89,88 @@ class KServeService(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
             check_parsed(request, self.serving.limits)
             card = self.serving.model(call, request.name, request.version).card
             inputs, outputs = signature(card)
+            loaded = sorted(self.serving.models.versions(card.name)) or [card.version]
             response = pb.ModelMetadataResponse(
-                name=card.name, versions=[str(card.version)], platform=card.platform
+                name=card.name, versions=[str(v) for v in loaded], platform=card.platform
             )
             for sig in inputs:
                 response.inputs.add(name=sig.name, datatype=sig.datatype, shape=sig.shape)
             for sig in outputs:
                 response.outputs.add(name=sig.name, datatype=sig.datatype, shape=sig.shape)
             return response
+
+    # -- Triton's model management ---------------------------------------------------------------
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's ModelConfig of a served model, derived from its manifest and codec."""
+        async with self.serving.rpc("ModelConfig", context) as call:
+            check_parsed(request, self.serving.limits)
+            model = self.serving.model(call, request.name, request.version)
+            policy = self.manager.policy_of(model.card.name) if self.manager else None
+            return pb.ModelConfigResponse(config=model_config(model.card, policy))
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Cumulative statistics of every loaded version of one model, or of every model."""
+        async with self.serving.rpc("ModelStatistics", context):
+            check_parsed(request, self.serving.limits)
+            models = self.serving.models
+            if request.name:
+                models.get(request.name, request.version)  # NOT_FOUND / UNAVAILABLE as statuses
+            response = pb.ModelStatisticsResponse()
+            for name in [request.name] if request.name else models.names():
+                for version, model in sorted(models.versions(name).items()):
+                    if request.version and request.version != str(version):
+                        continue
+                    counted = self.serving.stats.get(id(model)) or VersionStats()
+                    stats = triton_stats(pb, name, version, counted, model.stats())
+                    response.model_stats.append(stats)
+            return response
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Every model version of the repository with its state (READY, UNAVAILABLE, ...)."""
+        async with self.serving.rpc("RepositoryIndex", context):
+            check_parsed(request, self.serving.limits)
+            manager = self._manager(request.repository_name)
+            response = pb.RepositoryIndexResponse()
+            for name, version, state, reason in manager.index(request.ready):
+                response.models.add(name=name, version=version, state=state, reason=reason)
+            return response
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Load or reload a model (its ``config`` parameter may carry a version_policy)."""
+        async with self.serving.rpc("RepositoryModelLoad", context) as call:
+            check_parsed(request, self.serving.limits)
+            manager = self._manager(request.repository_name)
+            call.fields["load"] = request.model_name
+            policy = load_config(request.parameters)
+            if not request.model_name:
+                raise invalid("name the model to load (model_name)")
+            await manager.load(request.model_name, policy)
+            return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Stop serving a model; its in-flight requests finish first, then its memory is freed."""
+        async with self.serving.rpc("RepositoryModelUnload", context) as call:
+            check_parsed(request, self.serving.limits)
+            manager = self._manager(request.repository_name)
+            call.fields["unload"] = request.model_name
+            await manager.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+    def _manager(self, repository_name: str) -> Any:
+        if self.manager is None:
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server was started without a model repository to control",
+            )
+        if repository_name and repository_name not in (
+            self.manager.repo.name,
+            str(self.manager.repo),
+        ):
+            raise not_found(
+                f"no repository {repository_name!r}; this server serves {self.manager.repo} "
+                "(leave repository_name empty)"
+            )
+        return self.manager
 
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -161,47 +182,11 @@ class KServeService(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
             return await self._infer(call, model, request)
 
     async def _infer(self, call: Call, model: ServedModel, request: Any) -> Any:
-        card = model.card
-        array = _take_input(request, card)
-        response = self._response(request, card)
-        outputs: dict[str, tuple[str, np.ndarray]] = {}
-        if card.task == "generate":
-            prompts = _texts(array, "text_input")
-            self.serving.check_batch("text_input", len(prompts))
-            params = sampling.from_kserve(request.parameters, card.vocab_size)
-            results = await _all(self._complete(call, model, p, params) for p in prompts)
-            outputs["text_output"] = ("BYTES", np.array([r[0].encode() for r in results], object))
-            outputs["finish_reason"] = ("BYTES", np.array([r[1].encode() for r in results], object))
-            outputs["prompt_tokens"] = ("INT64", np.array([r[2] for r in results], np.int64))
-            outputs["completion_tokens"] = ("INT64", np.array([r[3] for r in results], np.int64))
-        elif card.task == "classify":
-            self._no_parameters(request)
-            probs = await self.serving.classify(model, _texts(array, "text"))
-            best = probs.argmax(axis=1)
-            labels = np.array([card.labels[i].encode() for i in best], dtype=object)
-            outputs["label"] = ("BYTES", labels)
-            outputs["label_id"] = ("INT64", best.astype(np.int64))
-            outputs["probabilities"] = ("FP32", probs.astype(np.float32))
-        else:
-            seed = self._seed(request)
-            images = await self.serving.sample_images(model, [int(d) for d in array], seed)
-            outputs["image"] = ("FP32", images.astype(np.float32))
-            response.parameters["seed"].uint64_param = seed
-        self._write_outputs(request, card, response, outputs)
+        result = await codec_for(model.card).infer(self.serving, call, model, request)
+        response = self._response(request, model.card)
+        self._write_outputs(request, model.card, response, result.outputs)
+        _set_parameters(response, result.parameters)
         return response
-
-    async def _complete(self, call: Call, model: ServedModel, prompt: str, params: Any):
-        parts: list[str] = []
-        last = Chunk("", [])
-        async with aclosing(self.serving.generate(call, model, prompt, params)) as chunks:
-            async for last in chunks:
-                parts.append(last.text)
-        return (
-            "".join(parts),
-            last.finish_reason or "abort",
-            last.prompt_tokens,
-            last.completion_tokens,
-        )
 
     async def ModelStreamInfer(self, request_iterator: Any, context: grpc.aio.ServicerContext):
         """Serve the requests of one bidirectional stream concurrently, responses as they come."""
@@ -244,11 +229,16 @@ class KServeService(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
             call.request_id = self._request_id(request, context)
             model = self.serving.model(call, request.model_name, request.model_version)
             empty_final = _flag(request, EMPTY_FINAL)
-            if model.card.task != "generate":
-                response = await self._infer(call, model, request)
-                await self._emit(out, response, final=not empty_final, empty_final=empty_final)
-            else:
-                await self._stream_generate(call, model, request, out, empty_final)
+
+            async def send(outputs: Outputs, parameters: dict[str, Any], done: bool) -> None:
+                response = self._response(request, model.card)
+                self._write_outputs(request, model.card, response, outputs)
+                _set_parameters(response, parameters)
+                await self._emit(
+                    out, response, final=done and not empty_final, empty_final=done and empty_final
+                )
+
+            await codec_for(model.card).stream(self.serving, call, model, request, send)
         except asyncio.CancelledError:
             call.status = "CANCELLED"
             raise
@@ -272,38 +262,8 @@ class KServeService(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
                 )
             )
         finally:
+            self.serving.finish(call)
             self.serving.metrics.requests.labels(call.model, call.method, call.status).inc()
-
-    async def _stream_generate(
-        self, call: Call, model: ServedModel, request: Any, out: asyncio.Queue, empty_final: bool
-    ) -> None:
-        card = model.card
-        prompts = _texts(_take_input(request, card), "text_input")
-        if len(prompts) != 1:
-            raise invalid(
-                f"a streamed request takes one prompt (text_input shape [1]), got "
-                f"{len(prompts)}; send one request per prompt on the stream"
-            )
-        params = sampling.from_kserve(request.parameters, card.vocab_size)
-        async with aclosing(self.serving.generate(call, model, prompts[0], params)) as chunks:
-            async for chunk in chunks:
-                done = chunk.finish_reason is not None
-                response = self._response(request, card)
-                outputs = {
-                    "text_output": ("BYTES", np.array([chunk.text.encode()], dtype=object)),
-                    "token_ids": ("INT64", np.array(chunk.token_ids, dtype=np.int64)),
-                }
-                if done:
-                    outputs["finish_reason"] = (
-                        "BYTES",
-                        np.array([chunk.finish_reason.encode()], dtype=object),
-                    )
-                    outputs["prompt_tokens"] = ("INT64", np.array([chunk.prompt_tokens]))
-                    outputs["completion_tokens"] = ("INT64", np.array([chunk.completion_tokens]))
-                self._write_outputs(request, card, response, outputs)
-                await self._emit(
-                    out, response, final=done and not empty_final, empty_final=done and empty_final
-                )
 
     async def _emit(self, out: asyncio.Queue, response: Any, final: bool, empty_final: bool):
         response.parameters[FINAL].bool_param = final
@@ -341,25 +301,6 @@ class KServeService(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
             if not wanted or name in wanted:
                 add_output(response, name, datatype, array)
 
-    @staticmethod
-    def _no_parameters(request: Any) -> None:
-        for name in request.parameters:
-            if not name.startswith("triton_") and name not in sampling.IGNORED_KSERVE:
-                raise invalid(f"unknown parameter {name!r}: a classify model takes none")
-
-    @staticmethod
-    def _seed(request: Any) -> int:
-        for name, param in request.parameters.items():
-            if name.startswith("triton_") or name in sampling.IGNORED_KSERVE:
-                continue
-            if name != "seed":
-                raise invalid(f"unknown parameter {name!r}: an image model takes only 'seed'")
-            kind = param.WhichOneof("parameter_choice")
-            if kind not in ("int64_param", "uint64_param") or getattr(param, kind) < 0:
-                raise invalid("parameter 'seed' must be a non-negative integer")
-            return int(getattr(param, kind))
-        return secrets.randbelow(MAX_SEED)
-
 
 def _flag(request: Any, name: str) -> bool:
     param = request.parameters.get(name)
@@ -370,12 +311,11 @@ def _flag(request: Any, name: str) -> bool:
     )
 
 
-async def _all(coros: Any) -> list[Any]:
-    """Await every coroutine concurrently; on the first failure cancel the rest and raise it."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+def _set_parameters(response: Any, parameters: dict[str, Any]) -> None:
+    for name, value in parameters.items():
+        if isinstance(value, bool):
+            response.parameters[name].bool_param = value
+        elif isinstance(value, int):
+            response.parameters[name].uint64_param = value
+        else:
+            response.parameters[name].string_param = str(value)

@@ -8,8 +8,7 @@ here imports torch.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,20 @@ import numpy as np
 
 from engine.errors import EngineError
 from engine.server.models import Chunk, ModelCard, ModelStats
+
+
+def _batching(engine: Any) -> dict[str, Any]:
+    """The card fields of a dynamic batcher's configuration."""
+    config = engine.batcher.config
+    return {
+        "max_batch_size": int(config.max_batch_size),
+        "max_queue_delay_us": int(config.max_queue_delay_ms * 1000),
+        "preferred_batch_sizes": tuple(config.preferred_batch_sizes),
+    }
+
+
+_DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64"}
+_DATATYPES |= {"int32": "INT32", "uint8": "UINT8", "bool": "BOOL"}
 
 
 def _card(engine: Any, **extra: Any) -> ModelCard:
@@ -32,6 +45,7 @@ def _card(engine: Any, **extra: Any) -> ModelCard:
         architecture=manifest.architecture,
         platform=platform,
         manifest=manifest,
+        device=getattr(engine, "device", "cpu") or "cpu",
         **extra,
     )
 
@@ -92,7 +106,9 @@ class Classifier:
 
     def __init__(self, engine: Any):
         self.engine = engine
-        self.card = _card(engine, labels=tuple(engine.labels))
+        self.card = _card(
+            engine, labels=tuple(engine.labels), input_name="text", **_batching(engine)
+        )
         self._index = {label: i for i, label in enumerate(engine.labels)}
 
     def tokenize(self, text: str) -> list[int]:
@@ -114,7 +130,36 @@ class Classifier:
 
     def stats(self) -> ModelStats:
         """Batch sizes of the dynamic batcher."""
-        return ModelStats(batch_sizes=dict(self.engine.batcher.batch_sizes))
+        batcher = self.engine.batcher
+        return ModelStats(batch_sizes=dict(batcher.batch_sizes), batch_ns=dict(batcher.batch_ns))
+
+    async def close(self) -> None:
+        """Release the graph."""
+        self.engine.close()
+
+
+class TensorClassifier:
+    """A runtime ``TensorClassifierEngine`` (pixels in, probabilities out) as a ServedModel."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.card = _card(
+            engine,
+            labels=tuple(engine.labels),
+            input_name=engine.input_name,
+            input_datatype=_DATATYPES.get(engine.input_dtype.name, "FP32"),
+            input_shape=tuple(d if isinstance(d, int) else -1 for d in engine.input_shape),
+            **_batching(engine),
+        )
+
+    async def classify_tensor(self, rows: np.ndarray) -> np.ndarray:
+        """Probabilities (N, labels) in label order."""
+        return (await self.engine.classify_tensor(rows)).astype(np.float32)
+
+    def stats(self) -> ModelStats:
+        """Batch sizes of the dynamic batcher."""
+        batcher = self.engine.batcher
+        return ModelStats(batch_sizes=dict(batcher.batch_sizes), batch_ns=dict(batcher.batch_ns))
 
     async def close(self) -> None:
         """Release the graph."""
@@ -133,6 +178,7 @@ class ImageGenerator:
             image_shape=tuple(int(d) for d in serving["image_shape"]),
             num_classes=int(engine.num_classes),
             pixel_range=(float(low), float(high)),
+            **_batching(engine),
         )
 
     async def sample_images(self, digits: list[int], seed: int) -> np.ndarray:
@@ -142,7 +188,8 @@ class ImageGenerator:
 
     def stats(self) -> ModelStats:
         """Batch sizes of the dynamic batcher."""
-        return ModelStats(batch_sizes=dict(self.engine.batcher.batch_sizes))
+        batcher = self.engine.batcher
+        return ModelStats(batch_sizes=dict(batcher.batch_sizes), batch_ns=dict(batcher.batch_ns))
 
     async def close(self) -> None:
         """Release the graph."""
@@ -152,38 +199,43 @@ class ImageGenerator:
 ADAPTERS = {"generate": LanguageModel, "classify": Classifier, "sample_images": ImageGenerator}
 
 
-async def load_models(
-    repo: Path, names: Sequence[str] | None = None, device: str = "cpu", **engine_kwargs: Any
-) -> list[Any]:
-    """Open every model of ``repo`` (or those in ``names``) at its latest version.
+class ModelLoadError(EngineError):
+    """A model version could not be loaded; the message names it and says why."""
 
-    Files are checked against their manifest hashes first; loading runs in a worker thread so
-    a slow load does not block the event loop. ``engine_kwargs`` go to
-    ``Engine.from_repository`` (backend, threads, config, batcher).
+
+def open_served(repo: Path, name: str, version: int, device: str = "cpu", **engine_kwargs: Any):
+    """Load ``repo/name/version`` with the runtime and wrap it for serving (blocking).
+
+    The runtime checks the files against their manifest hashes and the manifest against the
+    serving contract of its task first. Any failure becomes one :class:`ModelLoadError` line.
     """
-    from engine.repository import list_models
+    from engine.extras import EXTRAS, missing_extra
     from engine.runtime import Engine
 
-    available = list_models(repo)
-    if not available:
-        raise EngineError(
-            f"model repository {repo} holds no models; export one with "
-            "`engine export CHECKPOINT --repo DIR`"
-        )
-    wanted = list(names) if names else list(available)
-    missing = [n for n in wanted if n not in available]
-    if missing:
-        raise EngineError(
-            f"no model {missing[0]!r} in {repo}; models there: {', '.join(available)}"
-        )
-    served = []
-    for name in wanted:
-        engine = await asyncio.to_thread(
-            Engine.from_repository, repo, name, device=device, **engine_kwargs
-        )
+    where = f"model {name!r} version {version}"
+    engine = None
+    try:
+        engine = Engine.from_repository(repo, name, version, device=device, **engine_kwargs)
         task = engine.model.task
         if task not in ADAPTERS:
+            raise ModelLoadError(f"{where} has task {task!r}, which this server cannot serve")
+        if hasattr(engine, "classify_tensor"):
+            return TensorClassifier(engine)
+        return ADAPTERS[task](engine)
+    except ModelLoadError:
+        raise
+    except ModuleNotFoundError as exc:  # a torch-format version on the serving install
+        if engine is not None:
             engine.close()
-            raise EngineError(f"model {name!r} has task {task!r}, which this server cannot serve")
-        served.append(ADAPTERS[task](engine))
-    return served
+        root = (exc.name or "").split(".")[0]
+        if root in EXTRAS["train"]:
+            raise missing_extra(f"serving {where}", "train", root) from None
+        raise ModelLoadError(f"{where} cannot be served: {exc}") from None
+    except EngineError as exc:
+        if engine is not None:
+            engine.close()
+        raise ModelLoadError(f"{where} cannot be served: {exc}") from None
+    except Exception as exc:  # a broken file or manifest must not stop the other models
+        if engine is not None:
+            engine.close()
+        raise ModelLoadError(f"{where} cannot be served: {type(exc).__name__}: {exc}") from None

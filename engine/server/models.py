@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.repository import Manifest
 from engine.runtime.outputs import TokenLogprob
-from engine.server.errors import invalid, not_found
+from engine.server.errors import invalid, not_found, unavailable
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -36,6 +36,13 @@ class ModelCard:
     image_shape: tuple[int, ...] = ()  # sample_images: (channels, height, width)
     num_classes: int = 0  # sample_images: digits are 0 .. num_classes - 1
     pixel_range: tuple[float, float] = (-1.0, 1.0)  # sample_images: raw pixel range
+    input_name: str = ""  # classify: "text", or the graph input of a tensor classifier
+    input_datatype: str = "FP32"  # classify with a tensor input: its KServe datatype
+    input_shape: tuple[int, ...] = ()  # classify with a tensor input: shape after the batch
+    max_batch_size: int = 0  # dynamic batching: most rows per backend call (0: none)
+    max_queue_delay_us: int = 0  # dynamic batching: how long a request may wait for a batch
+    preferred_batch_sizes: tuple[int, ...] = ()
+    device: str = "cpu"
 
 
 @dataclass
@@ -60,6 +67,7 @@ class ModelStats:
     num_waiting: int = 0
     steps: int = 0  # generate: engine steps so far (generated tokens / steps = mean batch)
     batch_sizes: dict[int, int] = field(default_factory=dict)  # rows per backend call -> count
+    batch_ns: dict[int, int] = field(default_factory=dict)  # rows per backend call -> total ns
 
 
 class ServedModel(Protocol):
@@ -87,6 +95,10 @@ class ServedModel(Protocol):
         """Class probabilities, shape (len(texts), len(card.labels)), float32."""
         ...
 
+    async def classify_tensor(self, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities of tensor rows (classify models with a tensor input)."""
+        ...
+
     async def sample_images(self, digits: list[int], seed: int) -> np.ndarray:
         """One image per digit, shape (len(digits), *card.image_shape), float32."""
         ...
@@ -101,36 +113,73 @@ class ServedModel(Protocol):
 
 
 class ModelSet:
-    """The models one server serves, by name, with lookups that fail as gRPC statuses."""
+    """The models one server serves: each name's loaded versions, and names that failed to load.
 
-    def __init__(self, models: Iterable[ServedModel]):
-        self.models: dict[str, ServedModel] = {m.card.name: m for m in models}
+    A name maps to its versions as one dict that is replaced whole (:meth:`swap`), so a lookup
+    sees either the old versions or the new ones, never a mix. Without a version, a lookup gets
+    the newest loaded one. Lookups fail as gRPC statuses.
+    """
+
+    def __init__(
+        self, models: Iterable[ServedModel] = (), unavailable: dict[str, str] | None = None
+    ):
+        self._versions: dict[str, dict[int, ServedModel]] = {}
+        for m in models:
+            self._versions.setdefault(m.card.name, {})[m.card.version] = m
+        self.unavailable: dict[str, str] = dict(unavailable or {})  # name -> why it is not ready
 
     def __iter__(self):
-        return iter(self.models.values())
+        return iter([m for versions in self._versions.values() for m in versions.values()])
 
     def __len__(self) -> int:
-        return len(self.models)
+        return sum(len(v) for v in self._versions.values())
 
     def names(self) -> list[str]:
-        """Served model names, sorted."""
-        return sorted(self.models)
+        """Served (ready) model names, sorted."""
+        return sorted(self._versions)
+
+    def versions(self, name: str) -> dict[int, ServedModel]:
+        """The loaded versions of ``name`` (empty if none)."""
+        return self._versions.get(name, {})
+
+    def latest(self, name: str) -> ServedModel | None:
+        """The newest loaded version of ``name``, or None."""
+        versions = self._versions.get(name)
+        return versions[max(versions)] if versions else None
+
+    def swap(self, name: str, versions: dict[int, ServedModel]) -> dict[int, ServedModel]:
+        """Serve exactly ``versions`` of ``name`` from now on; return the versions replaced."""
+        old = self._versions.get(name, {})
+        if versions:
+            self._versions[name] = dict(versions)
+            self.unavailable.pop(name, None)
+        else:
+            self._versions.pop(name, None)
+        return old
 
     def get(self, name: str, version: str = "", task: str | None = None) -> ServedModel:
-        """The model ``name`` (at ``version`` if given), checked to serve ``task``.
+        """The model ``name`` (at ``version`` if given, else its newest), checked to serve ``task``.
 
-        Raises NOT_FOUND for an unknown name or version, INVALID_ARGUMENT for a task mismatch.
+        Raises NOT_FOUND for an unknown name or version, UNAVAILABLE for a model that failed to
+        load, INVALID_ARGUMENT for a task mismatch.
         """
         if not name:
             raise invalid(f"no model named in the request; models served: {self._listing()}")
-        model = self.models.get(name)
-        if model is None:
+        versions = self._versions.get(name)
+        if not versions:
+            if name in self.unavailable:
+                raise unavailable(f"model {name!r} is not ready: {self.unavailable[name]}")
             raise not_found(f"model {name!r} is not served here; models: {self._listing()}")
-        if version and version != str(model.card.version):
-            raise not_found(
-                f"model {name!r} has no version {version!r} here; serving version "
-                f"{model.card.version} (leave the version empty for it)"
-            )
+        if version:
+            model = versions.get(int(version)) if version.isdigit() else None
+            if model is None:
+                raise not_found(
+                    f"model {name!r} has no version {version!r} here; serving version(s) "
+                    f"{', '.join(map(str, sorted(versions)))} (leave the version empty for the "
+                    "newest)"
+                )
+        else:
+            model = versions[max(versions)]
         if task is not None and model.card.task != task:
             raise invalid(
                 f"model {name!r} is a {model.card.task} model and cannot {task.replace('_', ' ')}"
@@ -140,7 +189,7 @@ class ModelSet:
 
     def names_for(self, task: str) -> list[str]:
         """Served models of one task."""
-        return [n for n in self.names() if self.models[n].card.task == task]
+        return [n for n in self.names() if self.latest(n).card.task == task]
 
     def _listing(self) -> str:
         return ", ".join(self.names()) or "(none)"

@@ -17,6 +17,7 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from engine.server import logs
 from engine.server.admission import AdmissionQueue
 from engine.server.errors import invalid, status_of, unavailable
 from engine.server.metrics import ServerMetrics
-from engine.server.models import Chunk, ModelSet, ServedModel
+from engine.server.models import Chunk, ModelSet, ModelStats, ServedModel
+from engine.server.statistics import VersionStats
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces (fullmatch)
@@ -88,6 +90,7 @@ class Call:
     status: str = "OK"
     start: float = field(default_factory=time.perf_counter)
     fields: dict[str, Any] = field(default_factory=dict)
+    served: list[Any] = field(default_factory=list)  # model versions it holds (see Serving.model)
 
 
 class Serving:
@@ -97,10 +100,10 @@ class Serving:
         self.models = models
         self.metrics = metrics
         self.limits = limits or Limits()
-        self.queues = {
-            name: AdmissionQueue(name, self.limits.max_running, self.limits.max_waiting)
-            for name in models.names()
-        }
+        self.queues: dict[str, AdmissionQueue] = {}
+        self.stats: dict[int, VersionStats] = {}  # id(model version) -> its counters
+        self._leases: Counter[int] = Counter()  # id(model version) -> calls holding it
+        self._retiring: dict[int, asyncio.Event] = {}  # set when the last call lets go
         self._ids = itertools.count()
         self.draining = False  # set at shutdown: new requests get UNAVAILABLE
         self._in_flight: set[asyncio.Task] = set()  # handlers of admitted RPCs
@@ -108,13 +111,34 @@ class Serving:
         self._idle.set()
         self._cut = False
         for model in models:
-            name = model.card.name
-            metrics.watch(name, self._gauges_reader(name), kv=model.card.task == "generate")
-        metrics.watch_runtime(lambda: {m.card.name: m.stats() for m in models})
+            self.serve(model)
+        metrics.watch_runtime(lambda: {n: self.models.latest(n).stats() for n in models.names()})
+
+    def serve(self, model: ServedModel) -> None:
+        """Set up queue, gauges and statistics for a version about to be served."""
+        name = model.card.name
+        if name not in self.queues:
+            self.queues[name] = AdmissionQueue(
+                name, self.limits.max_running, self.limits.max_waiting
+            )
+            self.metrics.watch(name, self._gauges_reader(name), kv=model.card.task == "generate")
+        self.stats[id(model)] = VersionStats()
+
+    async def retire(self, model: ServedModel) -> None:
+        """Wait until no call holds ``model`` (a version no longer served), then close it."""
+        key = id(model)
+        if self._leases[key] > 0:
+            self._retiring[key] = asyncio.Event()
+            await self._retiring[key].wait()
+            del self._retiring[key]
+        self._leases.pop(key, None)
+        self.stats.pop(key, None)
+        await model.close()
 
     def _gauges_reader(self, name: str) -> Callable[[], dict[str, float]]:
         def read() -> dict[str, float]:
-            stats = self.models.models[name].stats()
+            model = self.models.latest(name)
+            stats = model.stats() if model is not None else ModelStats()
             queue = self.queues[name]
             return {
                 "queue_length": queue.waiting + stats.num_waiting,
@@ -213,6 +237,7 @@ class Serving:
             context.set_trailing_metadata(self._trailer(call))
         finally:
             self._untrack(task)
+            self.finish(call)
             self.metrics.requests.labels(call.model, method, call.status).inc()
             if call.status == "OK" and call.model:
                 self.metrics.e2e.labels(call.model, method).observe(
@@ -224,6 +249,19 @@ class Serving:
                 status=call.status,
                 duration_ms=logs.elapsed_ms(call.start),
             )
+
+    def finish(self, call: Call) -> None:
+        """Count ``call`` in its model version's statistics and let go of the versions it held."""
+        if call.served:
+            stats = self.stats.get(id(call.served[0]))
+            if stats is not None:
+                stats.finished(call.status == "OK", time.perf_counter() - call.start)
+        for model in call.served:
+            key = id(model)
+            self._leases[key] -= 1
+            if self._leases[key] == 0 and key in self._retiring:
+                self._retiring[key].set()
+        call.served.clear()
 
     @staticmethod
     def _trailer(call: Call) -> tuple[tuple[str, str], ...]:
@@ -242,7 +280,26 @@ class Serving:
         """Look up a served model for ``call`` (NOT_FOUND / INVALID_ARGUMENT as statuses)."""
         model = self.models.get(name, version, task)
         call.model = model.card.name
+        self._leases[id(model)] += 1  # released by finish(): an unloaded version waits for it
+        call.served.append(model)
         return model
+
+    @asynccontextmanager
+    async def admitted(self, model: ServedModel, items: int = 1) -> AsyncIterator[None]:
+        """Hold an admission slot of ``model``, timing the wait (queue) and the hold (compute).
+
+        ``items`` (texts, digits, one prompt) count as inferred when the body succeeds.
+        """
+        stats = self.stats.get(id(model)) or VersionStats()
+        asked = time.perf_counter()
+        async with self.queues[model.card.name].slot():
+            start = time.perf_counter()
+            stats.queue.add(start - asked)
+            try:
+                yield
+                stats.inference_count += items
+            finally:
+                stats.compute.add(time.perf_counter() - start)
 
     # -- the three tasks ----------------------------------------------------------------------
     async def generate(
@@ -259,7 +316,7 @@ class Serving:
             )
         name = model.card.name
         runtime_id = self.runtime_id(call.request_id)
-        async with self.queues[name].slot():
+        async with self.admitted(model):
             start = time.perf_counter()
             first: float | None = None
             finished = False
@@ -307,8 +364,15 @@ class Serving:
                     f"texts[{i}] is {len(text)} characters; the limit is "
                     f"{self.limits.max_prompt_chars}"
                 )
-        async with self.queues[model.card.name].slot():
+        async with self.admitted(model, len(texts)):
             return await model.classify(texts)
+
+    async def classify_tensor(self, model: ServedModel, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, labels) for tensor ``rows`` (N, ...) under admission."""
+        self.check_open()
+        self.check_batch(model.card.input_name, len(rows))
+        async with self.admitted(model, len(rows)):
+            return await model.classify_tensor(rows)
 
     async def sample_images(self, model: ServedModel, digits: list[int], seed: int) -> np.ndarray:
         """Images (N, C, H, W) for ``digits`` under admission."""
@@ -318,5 +382,5 @@ class Serving:
         for i, digit in enumerate(digits):
             if not 0 <= digit < n:
                 raise invalid(f"digits[{i}] is {digit}; this model draws digits 0 to {n - 1}")
-        async with self.queues[model.card.name].slot():
+        async with self.admitted(model, len(digits)):
             return await model.sample_images(digits, seed)

@@ -59,7 +59,7 @@ def test_export_writes_a_complete_version(tiny_ckpt, tmp_path):
         validation["validated"] and validation["task"]["graphs"]["default"]["label_agreement"] == 1
     )
     assert validation["graphs"]["default"]["values"]["max_abs_diff"]["logits"] < 1e-4
-    assert [f["path"] for f in manifest["files"]] == ["model.onnx"]
+    assert [f["path"] for f in manifest["files"]] == ["model.onnx", "tokenizer.json"]
     assert {"trace default", "validate default", "validate classify"} <= set(manifest["timings_s"])
 
 

@@ -121,8 +121,26 @@ class TinyClassifier(Architecture):
         ids = rng.integers(0, config.vocab, (batch, seq)).astype(np.int64) * mask
         return {"input_ids": ids, "attention_mask": mask}
 
+    def save_artifacts(self, data, out_dir: Path) -> None:
+        """A word-level tokenizer over the ids' spellings ("7" -> 7): the serving contract's."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        vocab = {str(i): i for i in range(TinyConfig.vocab)}
+        tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="0"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.save(str(Path(out_dir) / "tokenizer.json"))
+
+    def artifact_files(self, ckpt_dir: Path) -> list[Path]:
+        return [Path(ckpt_dir) / "tokenizer.json"]
+
     def serving_metadata(self, config, ckpt_dir):
-        return {"labels": [f"class{i}" for i in range(config.classes)], "max_length": 32}
+        labels = [f"class{i}" for i in range(config.classes)]
+        return {
+            "labels": labels,
+            "max_length": 32,
+            "pad_token_id": 0,
+            "tokenizer": "tokenizer.json",
+        }
 
 
 @hookimpl

@@ -29,18 +29,18 @@ SERVE_SCRIPT = Path(__file__).with_name("serve_process.py")
 class ServerThread:
     """An EngineServer running on a private event loop; call from the test thread."""
 
-    def __init__(self, models: list, config: ServerConfig):
+    def __init__(self, models, config: ServerConfig, manager=None):
         self.models = {m.card.name: m for m in models}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = self.call(self._make(models, config))
+        self.server = self.call(self._make(models, config, manager))
         self.port = self.call(self.server.start())
         self.target = f"127.0.0.1:{self.port}"
 
     @staticmethod
-    async def _make(models: list, config: ServerConfig) -> EngineServer:
-        return EngineServer(models, config)  # built inside the loop that will serve it
+    async def _make(models, config: ServerConfig, manager=None) -> EngineServer:
+        return EngineServer(models, config, manager=manager)  # inside the loop that serves it
 
     @staticmethod
     async def _finish_tasks() -> None:
@@ -70,14 +70,15 @@ class ServerThread:
         self.loop.close()
 
 
-def start_server(models=None, **config) -> ServerThread:
+def start_server(models=None, manager=None, **config) -> ServerThread:
     """A server on a free port with metrics on a free port, unless ``config`` says otherwise."""
     logs.configure("WARNING")
     config.setdefault("port", 0)
     config.setdefault("metrics_port", 0)
     config.setdefault("grace", 0.0)
     config.setdefault("limits", Limits(max_running=64, max_waiting=1024))
-    return ServerThread(fake_models() if models is None else models, ServerConfig(**config))
+    models = fake_models() if models is None else models
+    return ServerThread(models, ServerConfig(**config), manager)
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--grace", type=float, default=5.0)
     parser.add_argument("--auth-token-file", type=Path)
     parser.add_argument("--without", default="", help="packages to hide, as if not installed")
+    parser.add_argument("--version-policy", default="latest:1")
     args = parser.parse_args()
     for name in filter(None, args.without.split(",")):
         sys.modules[name] = None  # `import name` now raises ImportError
@@ -74,6 +75,7 @@ def main() -> int:
             metrics_port=metrics_port,
             grace=args.grace,
             auth_token_file=args.auth_token_file,
+            version_policy=args.version_policy,
             log_level="WARNING",
         )
     return 0

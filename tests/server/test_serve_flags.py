@@ -17,12 +17,13 @@ def _serve_with(monkeypatch, tmp_path, *flags: str) -> dict:
 
     seen: dict = {"shared_pool": None}
 
-    async def fake_load_models(repo, names=None, device="cpu", **kwargs):
+    def fake_open_served(repo, name, version, device="cpu", **kwargs):
         seen.update(kwargs, device=device)
         raise EngineError("stop here: the test only checks the arguments")
 
-    monkeypatch.setattr(loader, "load_models", fake_load_models)
+    monkeypatch.setattr(loader, "open_served", fake_open_served)
     monkeypatch.setattr(backends, "share_thread_pool", lambda n: seen.update(shared_pool=n))
+    (tmp_path / "m" / "1").mkdir(parents=True)  # one model version to load
     result = CliRunner().invoke(app, ["serve", "--repo", str(tmp_path), *flags])
     # engine.cli.main turns an EngineError into exit code 2; the bare app just raises it
     assert isinstance(result.exception, EngineError) and "stop here" in str(result.exception)
