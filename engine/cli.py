@@ -284,6 +284,13 @@ def serve_cmd(
     version_policy: Annotated[
         str, typer.Option(help="Versions served per model: latest:N, specific:1,3 or all.")
     ] = "latest:1",
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Run replicas behind Ray Serve's gRPC ingress.")
+    ] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="With --ray: runtime replicas.")] = 1,
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --ray: a cluster to join [start a local one].")
+    ] = None,
 ) -> None:
     """Serve every model of a repository over gRPC (engine.v1 + KServe v2) until SIGTERM."""
     from engine.server.cli_commands import serve
@@ -314,6 +321,9 @@ def serve_cmd(
         max_message_mb=max_message_mb,
         log_level=log_level,
         version_policy=version_policy,
+        ray=ray,
+        replicas=replicas,
+        ray_address=ray_address,
     )
 
 

@@ -53,6 +53,9 @@ def serve(
     max_message_mb: float = 4.0,
     log_level: str = "INFO",
     version_policy: str = "latest:1",
+    ray: bool = False,
+    replicas: int = 1,
+    ray_address: str | None = None,
 ) -> None:
     """Serve every model of ``repo`` (or the comma-separated ``models``) until SIGTERM/SIGINT.
 
@@ -101,6 +104,8 @@ def serve(
 
         backends.share_thread_pool(threads or os.cpu_count() or 1)
     policy = VersionPolicy.parse(version_policy)
+    if ray and (auth_token_file or tls_cert):
+        raise EngineError("--ray serves through Ray Serve's gRPC proxy: no --auth-token-file/--tls")
     engine_kwargs = {
         "device": device,
         "backend": backend,
@@ -115,6 +120,12 @@ def serve(
             cuda_graphs=cuda_graphs,
         ),
     }
+
+    if ray:
+        from engine.server.ray_serve import serve_on_ray
+
+        serve_on_ray(Path(repo), replicas, port, names, version_policy, engine_kwargs, ray_address)
+        return
 
     def opener(repo_path: Path, name: str, version: int):
         return open_served(repo_path, name, version, **engine_kwargs)

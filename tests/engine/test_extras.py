@@ -28,3 +28,13 @@ def test_other_missing_modules_are_not_blamed_on_the_extra():
 def test_a_submodule_counts_as_its_package():
     with pytest.raises(MissingExtraError, match="sklearn is not installed"), needs("train", "x"):
         raise ModuleNotFoundError("No module named 'sklearn.svm'", name="sklearn.svm")
+
+
+def test_serve_ray_without_ray_names_the_ray_extra(monkeypatch, tmp_path):
+    import sys
+
+    from engine.server.ray_serve import serve_on_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(MissingExtraError, match="needs the 'ray' extra"):
+        serve_on_ray(tmp_path, 2, 0, None, "latest:1", {})
