@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import EngineError
+from engine.server.errors import invalid
 from engine.server.models import Chunk, ModelCard, ModelStats
 
 
@@ -151,6 +152,17 @@ class TensorClassifier:
             input_shape=tuple(d if isinstance(d, int) else -1 for d in engine.input_shape),
             **_batching(engine),
         )
+
+    async def classify(self, texts: list[str]) -> np.ndarray:
+        """Refused: this model takes a tensor, which engine.v1 Classify cannot carry."""
+        raise invalid(
+            f"model {self.card.name!r} classifies {self.card.input_name!r} tensors, not texts; "
+            f"send {self.card.input_name!r} over KServe ModelInfer"
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        """Refused: no tokenizer."""
+        raise invalid(f"model {self.card.name!r} has no tokenizer: it takes tensors")
 
     async def classify_tensor(self, rows: np.ndarray) -> np.ndarray:
         """Probabilities (N, labels) in label order."""
