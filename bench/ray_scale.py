@@ -61,18 +61,24 @@ def _closed_loop(fn, concurrency: int, seconds: float) -> tuple[float, Counter]:
     return done[0] / (time.monotonic() - start), tags
 
 
-def run(repo: Path, replicas: int, concurrency: int, repeats: int, seconds: float) -> dict:
+def run(
+    repo: Path, replicas: int, concurrency: int, repeats: int, seconds: float, target: str = ""
+) -> dict:
+    """Start ``engine serve --ray`` (or use ``target``) and measure it."""
     port = _port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--ray", "--replicas", str(replicas)]
-        + ["--repo", str(repo), "--port", str(port), "--no-metrics"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    log = open(f"/tmp/ray_scale_{replicas}.log", "w")  # noqa: SIM115 - the server's output
+    proc = None
+    if not target:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine", "serve", "--ray", "--replicas", str(replicas)]
+            + ["--repo", str(repo), "--port", str(port), "--no-metrics"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    channel = grpc.insecure_channel(target or f"127.0.0.1:{port}")
     kserve = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
     generate = engine_pb2_grpc.EngineServiceStub(channel).Generate
 
@@ -96,8 +102,8 @@ def run(repo: Path, replicas: int, concurrency: int, repeats: int, seconds: floa
                 classify()
                 break
             except grpc.RpcError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"replicas={replicas}: the server did not answer") from None
+                if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                    raise SystemExit(f"replicas={replicas}: no answer (see {log.name})") from None
                 time.sleep(2)
         for _ in range(10):  # warm-up: every replica loaded and answering
             classify()
@@ -112,11 +118,13 @@ def run(repo: Path, replicas: int, concurrency: int, repeats: int, seconds: floa
         return results
     finally:
         channel.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 def main() -> int:
@@ -127,10 +135,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--target", default="", help="measure a running server (one count)")
     args = parser.parse_args()
     print(f"uptime: {os.getloadavg()}")
     for n in (int(x) for x in args.replicas.split(",")):
-        r = run(args.repo, n, args.concurrency, args.repeats, args.seconds)
+        r = run(args.repo, n, args.concurrency, args.repeats, args.seconds, args.target)
         for key in ("clf_req_s", "lm_tok_s"):
             values = r[key]
             print(

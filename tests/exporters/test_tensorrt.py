@@ -281,7 +281,7 @@ def test_tensorrt_format_writes_engines_and_keeps_the_timing_cache(
     vdir = fmt.export(tiny_ckpt, tmp_path, ExportOptions(max_batch=4, max_seq=16, progress=False))
     manifest = verify_files(vdir).to_dict()
     assert manifest["format"] == "tensorrt"
-    assert [f["path"] for f in manifest["files"]] == ["model.onnx", "model.plan"]
+    assert [f["path"] for f in manifest["files"]] == ["model.onnx", "model.plan", "tokenizer.json"]
     engines = manifest["tensorrt"]["engines"]
     assert engines["default"]["profile"]["input_ids"]["max"] == [4, 16]
     assert engines["default"]["validation"] == {"max_abs_diff": 0.0}

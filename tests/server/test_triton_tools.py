@@ -186,11 +186,13 @@ def test_stream_false_answers_once_and_unknown_sampling_keys_are_refused(client)
     assert "temprature" in info.value.message()
 
 
-def test_loading_picks_up_a_new_version_without_a_restart(client):
+def test_loading_picks_up_a_new_version_without_a_restart(client, repo):
     prompt = [_text("text_input", b"ab")]
     assert (
         client.infer("lm", prompt, parameters={"max_tokens": 2}).get_response().model_version == "1"
     )
+    shutil.copytree(repo / "lm" / "1", repo / "lm" / "2")  # a new export lands
+    _edit_manifest(repo / "lm" / "2", lambda m: m.update(version=2))
     client.load_model("lm")  # the default policy, latest:1, now selects version 2
     response = client.infer("lm", prompt, parameters={"max_tokens": 2}).get_response()
     assert response.model_version == "2"
