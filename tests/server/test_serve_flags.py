@@ -23,7 +23,7 @@ def _serve_with(monkeypatch, tmp_path, *flags: str) -> dict:
 
     monkeypatch.setattr(loader, "open_served", fake_open_served)
     monkeypatch.setattr(backends, "share_thread_pool", lambda n: seen.update(shared_pool=n))
-    (tmp_path / "m" / "1").mkdir(parents=True)  # one model version to load
+    (tmp_path / "m" / "1").mkdir(parents=True, exist_ok=True)  # one model version to load
     result = CliRunner().invoke(app, ["serve", "--repo", str(tmp_path), *flags])
     # engine.cli.main turns an EngineError into exit code 2; the bare app just raises it
     assert isinstance(result.exception, EngineError) and "stop here" in str(result.exception)
