@@ -3,8 +3,14 @@
 One engine per graph variant (``model.plan`` for the main one), with one optimization profile
 whose min/opt/max shapes come from ``--max-batch``/``--max-seq`` (:func:`profile_shapes`, a
 pure function of the signature). fp16 uses a strongly typed network built from the fp16 ONNX
-graph where TensorRT has one (10+), else the FP16 builder flag. The timing cache is kept per
-model at ``REPO/NAME/timing.cache`` so rebuilds skip kernel timing.
+graph where TensorRT has one (10+), else the FP16 builder flag; fp32 turns TensorRT's default
+TF32 off, so an fp32 engine is held to fp32 tolerances. The timing cache is kept per model at
+``REPO/NAME/timing.cache`` so rebuilds skip kernel timing.
+
+Validation runs every engine against its ONNX graph (onnxruntime) on example inputs, at the
+signature's fp32 or fp16 tolerance, and, for a ``generate`` model, decodes greedy tokens through
+the engine's KV cache: identical to onnxruntime's in fp32, teacher-forced top-1 agreement in
+fp16 (the ONNX export's own bar, :data:`exporters.validate.FP16_MIN_TOP1`).
 
 Written against the TensorRT 10 Python API. Where ``tensorrt`` or a CUDA GPU is missing,
 :func:`require_tensorrt` raises TensorRTUnavailable before anything is written.
@@ -18,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from engine.architecture import ExportSignature
-from exporters.base import TensorRTBuildFailed, TensorRTUnavailable, ValuesMismatch
+from exporters.base import (
+    AgreementTooLow,
+    GreedyMismatch,
+    TensorRTBuildFailed,
+    TensorRTUnavailable,
+    ValuesMismatch,
+)
 
 INSTALL_HINT = (
     "on a machine with an NVIDIA GPU and driver, install the project's gpu extra "
@@ -137,6 +149,9 @@ def build_engine(
                 raise TensorRTBuildFailed(f"TensorRT {trt.__version__} offers no fp16 build mode")
             config.set_flag(trt.BuilderFlag.FP16)
             precision = "fp16 (BuilderFlag.FP16)"
+    elif hasattr(trt.BuilderFlag, "TF32"):  # on by default: 10 mantissa bits in matmuls
+        config.clear_flag(trt.BuilderFlag.TF32)
+        precision = "fp32 (TF32 off)"
     profile = builder.create_optimization_profile()
     shapes = profile_shapes(signature, max_batch, max_seq)
     for name, (lo, opt, hi) in shapes.items():
@@ -229,11 +244,15 @@ def compare_with_onnx(
 ) -> dict[str, Any]:
     """Run the engine and the ONNX graph (onnxruntime) on example inputs; bound the difference.
 
-    TensorRT may use TF32/fp16 kernels, so the fp16 tolerances of the signature apply.
+    An fp16 engine is held to the signature's fp16 tolerances, an fp32 one (TF32 off) to its
+    fp32 tolerances.
     """
     from exporters.validate import ort_runner, ort_session
 
     signature = arch.export_signature(config, variant)
+    atol, rtol = (
+        (signature.fp16_atol, signature.fp16_rtol) if fp16 else (signature.atol, signature.rtol)
+    )
     engine_run, onnx_run = EngineRunner(plan), ort_runner(ort_session(onnx_path))
     limit = max_seq or 8
     cases = [(1, 1, 0), (min(2, max_batch), min(3, limit), min(4, limit))]
@@ -245,17 +264,94 @@ def compare_with_onnx(
             a, b = got[name].astype(np.float64), ref[name].astype(np.float64)
             err = float(np.abs(a - b).max()) if a.size else 0.0
             worst[name] = max(worst.get(name, 0.0), err)
-            if a.shape != b.shape or not np.allclose(
-                a, b, atol=signature.fp16_atol, rtol=signature.fp16_rtol, equal_nan=True
-            ):
+            if a.shape != b.shape or not np.allclose(a, b, atol=atol, rtol=rtol, equal_nan=True):
                 raise ValuesMismatch(
                     f"TensorRT engine {variant!r}, output {name!r} (batch {batch}, seq {seq}, "
-                    f"past {past}): shape {a.shape} vs {b.shape}, max abs diff {err:.3g}"
+                    f"past {past}): shape {a.shape} vs {b.shape}, max abs diff {err:.3g} "
+                    f"(tolerance atol {atol:g}, rtol {rtol:g}, {'fp16' if fp16 else 'fp32'})"
                 )
     return {
         "cases": [dict(zip(("batch", "seq", "past"), c)) for c in cases],
+        "tolerance": {"atol": atol, "rtol": rtol, "precision": "fp16" if fp16 else "fp32"},
         "max_abs_diff_vs_onnx": worst,
     }
+
+
+def greedy_check(
+    plan: bytes,
+    onnx_path: Path,
+    arch: Any,
+    config: Any,
+    variant: str,
+    max_batch: int,
+    max_seq: int | None,
+    fp16: bool,
+) -> dict[str, Any] | None:
+    """Greedy tokens through the engine's KV cache against onnxruntime's; None unless generate.
+
+    Prompts of uneven length, in batches the profile admits, each with as many new tokens as
+    fit ``max_seq``. fp32: every token must equal onnxruntime's. fp16: two correct fp16
+    kernels part at near ties, so the whole rows (prompt + onnxruntime's tokens) are scored
+    teacher-forced and the engine's top-1 must agree at FP16_MIN_TOP1 of the positions.
+    """
+    if getattr(arch, "task", None) != "generate":
+        return None
+    from exporters.greedy import GreedyDecoder
+    from exporters.validate import FP16_MIN_TOP1, GREEDY_TOKENS, ort_runner, ort_session
+
+    signature = arch.export_signature(config, variant)
+    example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
+    decoder = GreedyDecoder(signature, {k: v.shape for k, v in example.items()})
+    engine_run, onnx_run = EngineRunner(plan), ort_runner(ort_session(onnx_path))
+    limit = max_seq or 2 * GREEDY_TOKENS
+    max_new = max(1, min(GREEDY_TOKENS, limit // 2))
+    vocab = signature.outputs[0].shape[-1]
+    vocab = vocab if isinstance(vocab, int) else int(config.vocab_size)
+    rng = np.random.default_rng(0)
+    longest = max(1, min(24, limit - max_new))
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(1, longest + 1, 8)]
+    got, ref = [], []
+    for i in range(0, len(prompts), max_batch):
+        batch = prompts[i : i + max_batch]
+        got.append(decoder.generate(engine_run, batch, max_new))
+        ref.append(decoder.generate(onnx_run, batch, max_new))
+    tokens, expected = np.concatenate(got), np.concatenate(ref)
+    same = (tokens == expected).all(axis=1)
+    report: dict[str, Any] = {
+        "prompts": len(prompts),
+        "new_tokens": max_new,
+        "identical_prompts": int(same.sum()),
+        "token_agreement": float((tokens == expected).mean()),
+    }
+    if not fp16:
+        if not same.all():
+            row = int(np.argmin(same))
+            step = int(np.argmax(tokens[row] != expected[row]))
+            raise GreedyMismatch(
+                f"TensorRT engine {variant!r} (fp32): greedy tokens differ from onnxruntime's on "
+                f"{int((~same).sum())} of {len(prompts)} prompts; prompt {row} first differs at "
+                f"new token {step} (TensorRT {tokens[row, step]}, onnxruntime "
+                f"{expected[row, step]})"
+            )
+        return report
+    agree, steps = 0, 0
+    for i in range(0, len(prompts), max_batch):
+        rows = [p + expected[i + j].tolist() for j, p in enumerate(prompts[i : i + max_batch])]
+        width = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, width - len(r) :], mask[j, width - len(r) :] = r, 1
+        top = decoder.prefill_logits(onnx_run, ids, mask).argmax(-1)
+        hit = decoder.prefill_logits(engine_run, ids, mask).argmax(-1) == top
+        agree, steps = agree + int(hit[mask == 1].sum()), steps + int(mask.sum())
+    report["teacher_forced_top1"] = agree / steps
+    if agree / steps < FP16_MIN_TOP1:
+        raise AgreementTooLow(
+            f"TensorRT engine {variant!r} (fp16): teacher-forced top-1 agreement with "
+            f"onnxruntime {agree / steps:.2%} is below {FP16_MIN_TOP1:.0%}; build it in fp32"
+        )
+    return report
 
 
 class EngineBuilder:
@@ -297,17 +393,13 @@ class EngineBuilder:
                     timing_cache=cache,
                 )
             if options.validate:
+                check = (arch, config, variant, options.max_batch, max_seq, options.fp16)
+                plan = plan_path.read_bytes()
                 with stages.stage(f"tensorrt validate {variant}"):
-                    entry["validation"] = compare_with_onnx(
-                        plan_path.read_bytes(),
-                        onnx_path,
-                        arch,
-                        config,
-                        variant,
-                        options.max_batch,
-                        max_seq,
-                        options.fp16,
-                    )
+                    entry["validation"] = compare_with_onnx(plan, onnx_path, *check)
+                    greedy = greedy_check(plan, onnx_path, *check)
+                    if greedy is not None:
+                        entry["validation"]["greedy"] = greedy
             engines[variant] = entry
         self._pending_cache = (cache_path, cache)
         import tensorrt as trt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,10 @@ from engine.architecture import ExportSignature, TensorSpec
 from exporters.base import ExportOptions, TensorRTUnavailable
 from exporters.tensorrt_build import profile_shapes, require_tensorrt
 from tests.conftest import run_cli
+from tests.runtime import conftest as runtime
+
+# The runtime tests' session fixtures: the tiny decoder as ONNX and as a checkpoint (same weights)
+lm_repo, lm_checkpoint = runtime.lm_repo, runtime.lm_checkpoint
 
 H, D = 4, 8
 
@@ -146,12 +151,13 @@ class _FakeTensorRT:
 
     class BuilderFlag:
         FP16 = 0
+        TF32 = 7
 
     class MemoryPoolType:
         WORKSPACE = 0
 
     def __init__(self, parse_ok=True):
-        self.calls = {"shapes": {}, "flags": None, "pool": None, "builder_flags": []}
+        self.calls = {"shapes": {}, "flags": None, "pool": None, "builder_flags": [], "cleared": []}
         self.parse_ok = parse_ok
         fake = self
 
@@ -189,6 +195,9 @@ class _FakeTensorRT:
 
             def set_flag(self, flag):
                 fake.calls["builder_flags"].append(flag)
+
+            def clear_flag(self, flag):
+                fake.calls["cleared"].append(flag)
 
             def add_optimization_profile(self, profile):
                 pass
@@ -261,6 +270,12 @@ def test_build_engine_sets_profiles_precision_workspace_and_timing_cache(fake_tr
         _FakeTensorRT.NetworkDefinitionCreationFlag.STRONGLY_TYPED = 5
     assert fake_trt.calls["builder_flags"] == [0] and entry["precision"].endswith("FP16)")
 
+    entry, _ = build_engine(
+        tmp_path / "m.onnx", tmp_path / "m.plan", sig, max_batch=8, max_seq=64, fp16=False
+    )
+    assert fake_trt.calls["cleared"] == [7] and entry["precision"] == "fp32 (TF32 off)"
+    assert fake_trt.calls["flags"] == 0  # no strongly typed network for fp32
+
     fake_trt.parse_ok = False
     with pytest.raises(TensorRTBuildFailed, match="unsupported op Foo"):
         build_engine(
@@ -290,3 +305,100 @@ def test_tensorrt_format_writes_engines_and_keeps_the_timing_cache(
         tiny_ckpt, tmp_path, ExportOptions(max_batch=4, max_seq=16, progress=False, validate=False)
     )
     assert (vdir.parent / TIMING_CACHE).read_bytes() == b"+timed+timed"  # reused, extended
+
+
+# -- validation of a built engine, with onnxruntime standing in for it ------------------------
+class _OnnxAsEngine:
+    """Stands in for EngineRunner: runs the ONNX graph itself, then ``tamper`` with the outputs."""
+
+    def __init__(self, onnx_path, tamper=None):
+        from exporters.validate import ort_runner, ort_session
+
+        self.run, self.tamper, self.calls = ort_runner(ort_session(onnx_path)), tamper, 0
+
+    def __call__(self, feeds):
+        out = self.run(feeds)
+        self.calls += 1
+        return self.tamper(out, self.calls) if self.tamper else out
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(lm_repo, lm_checkpoint):
+    """The runtime tests' tiny decoder: arch, config and the paths of its two ONNX graphs."""
+    from engine import checkpoint
+    from engine.runtime.loader import open_version
+
+    arch, config, _ = checkpoint.load(lm_checkpoint)
+    mv = open_version(lm_repo, "tiny-lm")
+    graphs = {v: mv.path / mv.graph(v)["file"] for v in ("default", "kv_inplace")}
+    return arch, config, graphs
+
+
+def _validate(monkeypatch, tiny_lm, variant, fp16, tamper=None):
+    from exporters import tensorrt_build
+
+    arch, config, graphs = tiny_lm
+    engine = _OnnxAsEngine(graphs[variant], tamper)
+    monkeypatch.setattr(tensorrt_build, "EngineRunner", lambda plan: engine)
+    check = (graphs[variant], arch, config, variant, 4, 32, fp16)
+    values = tensorrt_build.compare_with_onnx(b"plan", *check)
+    return values, tensorrt_build.greedy_check(b"plan", *check)
+
+
+@pytest.mark.parametrize("variant", ["default", "kv_inplace"])
+def test_an_engine_that_matches_onnx_passes_both_checks_in_fp32(monkeypatch, tiny_lm, variant):
+    arch, config, _ = tiny_lm
+    sig = arch.export_signature(config, variant)
+    values, greedy = _validate(monkeypatch, tiny_lm, variant, fp16=False)
+    assert values["tolerance"] == {"atol": sig.atol, "rtol": sig.rtol, "precision": "fp32"}
+    assert greedy["identical_prompts"] == greedy["prompts"] == 8 and greedy["new_tokens"] == 16
+
+
+def test_fp32_engines_are_held_to_fp32_tolerances_not_fp16(monkeypatch, tiny_lm):
+    from exporters.base import ValuesMismatch
+
+    arch, config, _ = tiny_lm
+    sig = arch.export_signature(config, "default")
+    # 10x fp32's atol, a tenth of fp16's: logits near 0 (of 8192, some are) fail fp32 only
+    shift = np.float32(10 * sig.atol)
+    assert shift <= sig.fp16_atol / 10
+
+    def off(out, call):
+        return {k: v + shift if k == "logits" else v for k, v in out.items()}
+
+    values, _ = _validate(monkeypatch, tiny_lm, "default", True, off)
+    assert values["tolerance"]["precision"] == "fp16"
+    with pytest.raises(ValuesMismatch, match=rf"tolerance atol {sig.atol:g}, .*, fp32\)"):
+        _validate(monkeypatch, tiny_lm, "default", False, off)
+
+
+def test_greedy_tokens_through_the_engine_must_equal_onnxruntimes(monkeypatch, tiny_lm):
+    from exporters.base import AgreementTooLow, GreedyMismatch
+    from exporters.tensorrt_build import greedy_check
+
+    arch, config, graphs = tiny_lm
+
+    def prefer_token_7(out, call):  # values barely move; one token's logit wins every step
+        logits = out["logits"].copy()
+        logits[..., 7] = logits.max() + 1.0
+        return {**out, "logits": logits}
+
+    def engine(tamper):
+        return lambda plan: _OnnxAsEngine(graphs["kv_inplace"], tamper)
+
+    monkeypatch.setattr("exporters.tensorrt_build.EngineRunner", engine(prefer_token_7))
+    check = (graphs["kv_inplace"], arch, config, "kv_inplace", 4, 32)
+    with pytest.raises(GreedyMismatch, match=r"\(fp32\): greedy tokens differ .* on 8 of 8"):
+        greedy_check(b"plan", *check, False)
+    with pytest.raises(AgreementTooLow, match="teacher-forced top-1 agreement"):
+        greedy_check(b"plan", *check, True)
+    monkeypatch.setattr("exporters.tensorrt_build.EngineRunner", engine(None))
+    assert greedy_check(b"plan", *check, True)["teacher_forced_top1"] == 1.0
+
+
+def test_greedy_check_is_for_generate_models_only(tiny_ckpt):
+    from engine import checkpoint
+    from exporters.tensorrt_build import greedy_check
+
+    arch, config, _ = checkpoint.load(tiny_ckpt)
+    assert greedy_check(b"plan", Path("unused.onnx"), arch, config, "default", 4, 16, False) is None
