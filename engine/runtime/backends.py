@@ -5,6 +5,10 @@ Two are built in, registered through ``engine_register_backends`` like any plugi
 * ``onnxruntime`` runs ``.onnx`` graphs with a provider list chosen by device (CPU; CUDA and
   the TensorRT execution provider where the installed onnxruntime has them). With ``out``
   arrays given, results are written straight into them through an IOBinding.
+
+A backend on a GPU has a ``device`` (:class:`engine.runtime.device.DeviceLayer`): feeds and
+outputs may then be device arrays of that layer, bound by pointer and never copied (the runner
+keeps the KV cache so), next to host numpy arrays, which are copied in or out each run.
 * ``tensorrt`` runs serialized ``.plan`` engines natively (:mod:`engine.runtime.tensorrt_backend`).
 
 Nothing here imports torch: this module is on the serving path.
@@ -18,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +40,7 @@ class BackendOptions:
     intra_op_threads: int | None = None  # None: one per core (os.cpu_count())
     inter_op_threads: int = 1  # decode graphs are a chain of ops: nothing to run side by side
     spin: bool = True  # busy-wait between ops: lower latency, but burns a shared core
+    kv_on_device: bool = True  # GPU backends: the runner keeps the KV cache in device memory
 
 
 class Backend(ABC):
@@ -43,6 +49,7 @@ class Backend(ABC):
     name: str
     input_names: list[str]
     output_names: list[str]
+    device: Any = None  # a DeviceLayer where this backend computes on a GPU; None: host memory
 
     @abstractmethod
     def run(
@@ -157,6 +164,15 @@ class OnnxRuntimeBackend(Backend):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._binding = self.session.io_binding()
         self._bound_key: Hashable | None = None
+        if options.kv_on_device:
+            self.device = self._device_layer(self.providers[0])
+
+    @staticmethod
+    def _device_layer(provider: str) -> Any:
+        """The device layer of the first execution provider (None for the CPU)."""
+        from engine.runtime.device import device_for
+
+        return device_for(provider)
 
     def run(
         self,
@@ -167,18 +183,34 @@ class OnnxRuntimeBackend(Backend):
         """Run once; with ``out``, inputs and outputs are bound to the given arrays (no copies).
 
         CPU bindings reference the arrays' memory, so an unchanged ``binding_key`` reuses them.
+        On a GPU, device arrays are bound by pointer (reused likewise), while host inputs are
+        bound again every run: onnxruntime copies a host input to the device when it is bound.
         """
         if out is None:
             self._bound_key = None
             return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-        b = self._binding
-        if binding_key is None or binding_key != self._bound_key:
-            for name, array in feeds.items():
+        b, dev = self._binding, self.device
+        rebind = binding_key is None or binding_key != self._bound_key
+        for name, array in feeds.items():
+            on_device = dev is not None and dev.is_device(array)
+            if on_device and rebind:
+                shape = list(array.shape)
+                b.bind_input(
+                    name, dev.ort_device, dev.device_id, array.dtype, shape, dev.pointer(array)
+                )
+            elif not on_device and (rebind or dev is not None):
                 b.bind_cpu_input(name, array)
+        if rebind:
             for name, array in out.items():
-                b.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+                if dev is not None and dev.is_device(array):
+                    where, ptr = (dev.ort_device, dev.device_id), dev.pointer(array)
+                else:
+                    where, ptr = ("cpu", 0), array.ctypes.data
+                b.bind_output(name, *where, array.dtype, list(array.shape), ptr)
             self._bound_key = binding_key
         self.session.run_with_iobinding(b)
+        if dev is not None:
+            b.synchronize_outputs()  # device outputs are complete before anything reads them
         return out
 
 
@@ -219,7 +251,7 @@ class TensorRTFactory(BackendFactory):
         """Deserialize the engine."""
         from engine.runtime.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(path)
+        return TensorRTBackend(path, kv_on_device=options.kv_on_device)
 
 
 BUILTIN_BACKENDS = (OnnxRuntimeFactory(), TensorRTFactory())

@@ -3,6 +3,8 @@
 Device memory and copies go through the CUDA runtime library via ctypes (``libcudart``, which
 the ``tensorrt`` wheels bring along), so the serving path needs neither torch nor cuda-python.
 Device buffers are kept per tensor and only grown, so steady-state steps allocate nothing.
+Feeds and outputs that are already device arrays (``self.device``: the KV pool and the new
+keys/values the runner keeps on the GPU) are bound by address and never copied.
 Written against the TensorRT 10 Python API (named tensors, ``execute_async_v3``).
 """
 
@@ -103,11 +105,16 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, kv_on_device: bool = True):
         reason = unavailable_reason()
         if reason:
             raise BackendUnavailableError(f"cannot load {Path(path).name} with TensorRT: {reason}")
         import tensorrt as trt
+
+        if kv_on_device:
+            from engine.runtime.device import CupyDevice
+
+            self.device = CupyDevice(0)
 
         self._trt = trt
         self._cuda = _Cuda()
@@ -141,26 +148,46 @@ class TensorRTBackend(Backend):
         out: dict[str, np.ndarray] | None = None,
         binding_key: Hashable | None = None,
     ) -> dict[str, np.ndarray]:
-        """Copy inputs in, execute on the backend's stream, copy outputs out."""
+        """Copy host inputs in, execute on the backend's stream, copy host outputs out.
+
+        Device arrays (of ``self.device``) are bound by address: no copy either way.
+        """
+        dev = self.device
         keep = []  # host arrays must live until the stream synchronizes
         for name in self.input_names:
-            host = np.ascontiguousarray(feeds[name], dtype=self._dtypes[name])
+            array = feeds[name]
+            if dev is not None and dev.is_device(array):
+                self.context.set_input_shape(name, tuple(array.shape))
+                self.context.set_tensor_address(name, dev.pointer(array))
+                continue
+            host = np.ascontiguousarray(array, dtype=self._dtypes[name])
             keep.append(host)
             self.context.set_input_shape(name, host.shape)
             ptr = self._buffer(name, host.nbytes)
             self._cuda.copy(ptr, host.ctypes.data, host.nbytes, _H2D)
             self.context.set_tensor_address(name, ptr)
-        results = {}
+        results, copy_back = {}, []
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
-            host = out[name] if out is not None and name in out else None
-            if host is None or host.shape != shape:
+            given = out.get(name) if out is not None else None
+            if dev is not None and dev.is_device(given):
+                if tuple(given.shape) != shape:
+                    raise ValueError(
+                        f"output {name!r} is {shape}, the device array given is {given.shape}"
+                    )
+                self.context.set_tensor_address(name, dev.pointer(given))
+                results[name] = given
+                continue
+            host = given if given is not None and given.shape == shape else None
+            if host is None:
                 host = np.empty(shape, self._dtypes[name])
             results[name] = host
+            copy_back.append(name)
             self.context.set_tensor_address(name, self._buffer(name, host.nbytes))
         if not self.context.execute_async_v3(self._cuda.stream.value):
             raise BackendUnavailableError("TensorRT engine execution failed (see its log above)")
-        for name, host in results.items():
+        for name in copy_back:
+            host = results[name]
             self._cuda.copy(host.ctypes.data, self._buffers[name][0].value, host.nbytes, _D2H)
         self._cuda.sync()
         return results
