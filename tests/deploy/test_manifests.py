@@ -122,6 +122,9 @@ def test_the_image_installs_the_serving_package_only_and_runs_engine_serve():
     assert set(SOURCES) <= copied | {"pyproject.toml", "README.md"}
     (install,) = re.findall(r"pip install[^\n&\\]*", dockerfile)
     assert install.split()[-1] == "." and "[" not in install  # no extras: no torch
+    # then trimmed as tests/install/test_serving_install.py trims the venv it serves from
+    assert re.search(r"COPY deploy/slim_venv.py (\S+)\n", dockerfile)
+    assert re.search(r"/opt/engine/bin/python \S*slim_venv.py /opt/engine", dockerfile)
     cmd = re.search(r"^CMD (\[.*\])", dockerfile, re.M).group(1)
     args = shlex.split(cmd.strip("[]").replace(",", " "))
     options = serve_options(args)

@@ -1,7 +1,8 @@
 """The serving install: `pip install .` in a fresh venv, without torch, serves a repository.
 
-Builds the environment a serving image gets (no extras), checks torch is absent, that a
-training command names the extra it needs, and serves the tiny repository to tritonclient.
+Builds the environment a serving image gets (no extras, then trimmed by deploy/slim_venv.py as
+the image is), checks torch is absent, that a training command names the extra it needs, and
+serves the tiny repository to tritonclient.
 Needs pip to reach the package index (or its cache); about a minute here.
 """
 
@@ -57,6 +58,19 @@ def serving_venv(tmp_path_factory) -> Path:
         if "Could not find a version" in done.stderr or "No matching distribution" in done.stderr:
             pytest.skip(f"pip cannot reach the package index: {done.stderr.strip()[-300:]}")
         raise AssertionError(done.stderr[-3000:])
+    installed = dir_mib(venv)
+    # The image's last build step (deploy/Dockerfile): everything below runs on the trimmed venv.
+    slim = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "slim_venv.py"), str(venv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert slim.returncode == 0, slim.stdout + slim.stderr
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert not list((site / "onnxruntime" / "capi").glob("libonnxruntime.so*"))
+    assert not (site / "huggingface_hub").exists() and not list(venv.rglob("__pycache__"))
+    assert dir_mib(venv) < installed - 40, (installed, dir_mib(venv))
     return venv
 
 
