@@ -50,7 +50,13 @@ class IncrementalDetokenizer:
             return ""
         if self._step is not None:
             piece = self._step(token_id)
-            return self._append(piece) if piece else ""
+            if not piece:
+                return ""
+            if not self.stop:  # nothing to hold back: the piece is the delta (once per token)
+                self.text += piece
+                self._emitted = len(self.text)
+                return piece
+            return self._append(piece)
         self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         full_text = self._decode(self._ids[self._prefix :])
@@ -99,6 +105,11 @@ class IncrementalDetokenizer:
     def output_text(self) -> str:
         """The text emitted so far."""
         return self.text[: self._emitted]
+
+    @property
+    def emitted(self) -> int:
+        """Characters of ``text`` handed out so far (``text`` only ever grows)."""
+        return self._emitted
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from engine.runtime.detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer
 from engine.runtime.request import Request, RequestStatus
@@ -42,20 +42,72 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-@dataclass
 class RequestOutput:
-    """What one step produced for one request: a text delta and the tokens behind it."""
+    """What one step produced for one request: a text delta and the tokens behind it.
 
-    request_id: str
-    delta_text: str
-    delta_token_ids: list[int]
-    text: str  # all text so far (stop string excluded)
-    token_ids: list[int]  # all output tokens so far
-    finished: bool
-    finish_reason: str | None  # "stop", "length", "abort"
-    stop_reason: int | str | None  # the stop token id or stop string, when one matched
-    usage: Usage
-    logprobs: list[TokenLogprob] | None = None
+    ``text``, ``token_ids`` and ``usage`` describe the whole output so far. They are read from
+    the request's append-only token list and text up to this output's length, so making an
+    output copies nothing that grows with the request (a server reads only the deltas).
+    """
+
+    __slots__ = (
+        "request_id",
+        "delta_text",
+        "delta_token_ids",
+        "finished",
+        "finish_reason",
+        "stop_reason",
+        "logprobs",
+        "_ids",
+        "_num_ids",
+        "_text",
+        "_text_len",
+        "_prompt_tokens",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        delta_text: str,
+        delta_token_ids: list[int],
+        text: str | TextSource,  # all text so far (stop string excluded), or where to read it
+        token_ids: list[int],  # all output tokens so far, or a list they are a prefix of
+        finished: bool,
+        finish_reason: str | None,  # "stop", "length", "abort"
+        stop_reason: int | str | None,  # the stop token id or stop string, when one matched
+        prompt_tokens: int,
+        logprobs: list[TokenLogprob] | None = None,
+        num_tokens: int | None = None,  # how many of token_ids (default: all)
+        text_len: int | None = None,  # how much of the text source's text (default: all)
+    ):
+        self.request_id = request_id
+        self.delta_text = delta_text
+        self.delta_token_ids = delta_token_ids
+        self.finished = finished
+        self.finish_reason = finish_reason
+        self.stop_reason = stop_reason
+        self.logprobs = logprobs
+        self._ids = token_ids
+        self._num_ids = len(token_ids) if num_tokens is None else num_tokens
+        self._text = text
+        self._text_len = text_len
+        self._prompt_tokens = prompt_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        """All output tokens so far."""
+        return self._ids[: self._num_ids]
+
+    @property
+    def text(self) -> str:
+        """All output text so far (a matched stop string excluded)."""
+        text = self._text if isinstance(self._text, str) else self._text.text
+        return text if self._text_len is None else text[: self._text_len]
+
+    @property
+    def usage(self) -> Usage:
+        """Prompt and output token counts."""
+        return Usage(self._prompt_tokens, self._num_ids)
 
     def merged(self, later: RequestOutput) -> RequestOutput:
         """This output followed by ``later`` (of the same request) as one output."""
@@ -66,14 +118,29 @@ class RequestOutput:
             self.request_id,
             self.delta_text + later.delta_text,
             self.delta_token_ids + later.delta_token_ids,
-            later.text,
-            later.token_ids,
+            later._text,
+            later._ids,
             later.finished,
             later.finish_reason,
             later.stop_reason,
-            later.usage,
+            later._prompt_tokens,
             logprobs,
+            later._num_ids,
+            later._text_len,
         )
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestOutput({self.request_id!r}, delta_text={self.delta_text!r}, "
+            f"delta_token_ids={self.delta_token_ids}, finished={self.finished}, "
+            f"finish_reason={self.finish_reason!r}, usage={self.usage})"
+        )
+
+
+class TextSource(Protocol):
+    """Something whose ``text`` only ever grows (an incremental detokenizer)."""
+
+    text: str
 
 
 # Ends a request that matched a stop string: (request id, status, the stop string).
@@ -144,17 +211,20 @@ class OutputProcessor:
                 ids, lps = sampled.top_token_ids[row, :n], sampled.top_logprobs[row, :n]
                 top = list(zip(ids.tolist(), lps.tolist()))
             logprobs = [TokenLogprob(token, float(sampled.logprobs[row]), top)]
+        finished = r.is_finished
         return RequestOutput(
             r.request_id,
             delta,
             [token],
-            detok.output_text,
-            list(r.output_token_ids),
-            r.is_finished,
-            r.finish_reason,
+            detok,
+            r.output_token_ids,
+            finished,
+            r.finish_reason if finished else None,
             r.stop_reason,
-            Usage(r.num_prompt_tokens, r.num_output_tokens),
+            r.num_prompt_tokens,
             logprobs,
+            len(r.output_token_ids),
+            detok.emitted,
         )
 
     def discard(self, request_id: str) -> None:
@@ -165,6 +235,6 @@ class OutputProcessor:
         """The last output of a request ended from outside (an abort): no new tokens."""
         detok = self._detok.pop(r.request_id, None)
         text = detok.output_text if detok else ""
-        usage = Usage(r.num_prompt_tokens, r.num_output_tokens)
         tokens, reason = list(r.output_token_ids), r.finish_reason
-        return RequestOutput(r.request_id, "", [], text, tokens, True, reason, None, usage)
+        prompt = r.num_prompt_tokens
+        return RequestOutput(r.request_id, "", [], text, tokens, True, reason, None, prompt)
