@@ -174,6 +174,12 @@ def run_cmd(
     time_budget_s: Annotated[
         float | None, typer.Option(min=0.0, help="Skip (and report) loads that would start later.")
     ] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Run every baseline's loads N times, interleaved; report medians + range."
+        ),
+    ] = 1,
     strict: Annotated[
         bool,
         typer.Option(help="Exit 1 if anything asked for was skipped or any request failed."),
@@ -234,6 +240,7 @@ def run_cmd(
         command="engine " + shlex.join(sys.argv[1:]),
         only_at=_only_at(only_at, names, sweep),
         time_budget_s=time_budget_s,
+        rounds=rounds,
     )
     console, err = _console(), _console(stderr=True)
     bench = Bench(config)
@@ -250,6 +257,8 @@ def run_cmd(
     result = report.build(bench, started)
     path = report.write(result, out)
     console.print(report.table(result))
+    if result.get("medians"):
+        console.print(report.medians_table(result))
     for line in report.skipped_lines(result):
         console.print(line, markup=False, highlight=False)
     if bench.server.get("same_weights") is False:

@@ -10,6 +10,7 @@ import io
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from importlib import metadata
@@ -135,9 +136,74 @@ def build(bench: Any, started: float) -> dict[str, Any]:
             "settings": settings,
             "baselines": bench.baselines,
             "runs": bench.runs,
+            "medians": medians(bench.runs),
             "skipped": bench.skipped,
         }
     )
+
+
+# Figures summarized over rounds: name -> how to read it from a run.
+_MEDIAN_FIELDS = {
+    "output_throughput": lambda run: run["stats"].get("output_throughput"),
+    "request_throughput": lambda run: run["stats"].get("request_throughput"),
+    "ttft_p50_ms": lambda run: (run["stats"].get("ttft_ms") or {}).get("p50"),
+    "tpot_p50_ms": lambda run: (run["stats"].get("tpot_ms") or {}).get("p50"),
+    "e2el_p50_ms": lambda run: (run["stats"].get("e2el_ms") or {}).get("p50"),
+    "batch_size_mean": lambda run: (run.get("server") or {}).get("batch_size_mean"),
+    "client_share": lambda run: (run.get("cpu") or {}).get("client_share"),
+    "server_share": lambda run: (run.get("cpu") or {}).get("server_share"),
+}
+
+
+def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run label and load that ran more than once (``--rounds``): the median, min and max of
+    throughput, TTFT/TPOT/E2E p50, server batch and CPU shares over the rounds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["label"], describe_load(run)), []).append(run)
+    out = []
+    for (label, load), group in groups.items():
+        if len(group) < 2:
+            continue
+        entry: dict[str, Any] = {"label": label, "load": load, "rounds": len(group)}
+        for name, read in _MEDIAN_FIELDS.items():
+            values = [v for v in map(read, group) if v is not None and not math.isnan(v)]
+            if values:
+                entry[name] = {
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+        out.append(entry)
+    return out
+
+
+def medians_table(report: dict[str, Any]) -> Table:
+    """Medians over rounds (min-max), for the figures a comparison across baselines needs."""
+    t = Table(title="medians over rounds (min-max)", title_justify="left")
+    for col in ("run", "load", "n", "tok/s", "TTFT p50", "TPOT p50", "batch", "CPU client/server"):
+        t.add_column(col, no_wrap=True, justify="left" if col in ("run", "load") else "right")
+
+    def fmt(entry: dict[str, Any], name: str, spec: str, pct: bool = False) -> str:
+        m = entry.get(name)
+        if not m:
+            return "-"
+        f = (lambda v: f"{v:.0%}") if pct else (lambda v: format(v, spec))
+        return f"{f(m['median'])} ({f(m['min'])}-{f(m['max'])})"
+
+    for e in report.get("medians") or []:
+        shares = [fmt(e, "client_share", "", True), fmt(e, "server_share", "", True)]
+        t.add_row(
+            e["label"],
+            e["load"],
+            str(e["rounds"]),
+            fmt(e, "output_throughput", ",.0f"),
+            fmt(e, "ttft_p50_ms", ".1f"),
+            fmt(e, "tpot_p50_ms", ".2f"),
+            fmt(e, "batch_size_mean", ".1f"),
+            " / ".join(shares),
+        )
+    return t
 
 
 def write(report: dict[str, Any], out_dir: Path) -> Path:

@@ -3,7 +3,9 @@
 Order: the served model over gRPC first (its server is started as a child process, or
 ``--target`` names one), then the server is stopped and the in-process baselines run on the
 same weights, so they never compete with an idle server for cores. Classifiers and image
-models are measured over gRPC with dynamic batching on and off (one server start each).
+models are measured over gRPC with dynamic batching on and off (one server start each). With
+``rounds`` > 1 the whole sequence repeats, each round starting one baseline later, and the
+report adds medians with their range.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class BenchConfig:
     # baseline -> the only concurrencies it runs at (a slow or compiling baseline at a few loads)
     only_at: dict[str, tuple[int, ...]] = field(default_factory=dict)
     time_budget_s: float | None = None  # loads that would start later are skipped, with why
+    # Every baseline runs its loads this many times, in rotated order (round r starts at the
+    # r-th baseline), so a machine whose speed drifts shows in the range of each median.
+    rounds: int = 1
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,7 @@ class Bench:
         # Greedy tokens per prompt index from the first baseline that produced them (the
         # server, when it runs first): every later run is checked against these.
         self.reference: tuple[str, dict[int, list[int]]] | None = None
+        self.round = 0  # of config.rounds, recorded in every run
 
     def settings(self) -> list[tuple[str, bool | None]]:
         """(baseline, batching) pairs in run order; batching is None for generate models."""
@@ -240,26 +246,39 @@ class Bench:
         return grpc + [(name, None) for name in cfg.baselines if name != "grpc"]
 
     def run(self) -> None:
-        """Measure every setting; unavailable baselines are recorded as skipped."""
+        """Measure every setting, ``rounds`` times; unavailable baselines are recorded as skipped
+        (once)."""
         if self.config.target:
             self.server = check_target(self.config.target, self.model)
-        for name, batching in self.settings():
-            if name != "grpc" and self.model.task != "generate":
-                self._skip(
-                    name, f"runs language models only; {self.model.name} is {self.model.task}"
-                )
-                continue
-            if self._out_of_time():
-                for load in self.loads_of(name):
-                    self._skip(name, self._out_of_time(), load)
-                continue
-            try:
-                if name == "grpc":
-                    self._run_grpc(batching)
-                else:
-                    self._run_baseline(name)
-            except Unavailable as exc:
-                self._skip(name, str(exc))
+        settings = self.settings()
+        unavailable: set[tuple[str, bool | None]] = set()
+        for rnd in range(self.config.rounds):
+            self.round = rnd
+            k = rnd % len(settings) if settings else 0
+            for name, batching in settings[k:] + settings[:k]:
+                if (name, batching) in unavailable:
+                    continue
+                if not self._run_setting(name, batching):
+                    unavailable.add((name, batching))
+
+    def _run_setting(self, name: str, batching: bool | None) -> bool:
+        """One baseline's loads; False when it is unavailable (skipped, with the reason)."""
+        if name != "grpc" and self.model.task != "generate":
+            self._skip(name, f"runs language models only; {self.model.name} is {self.model.task}")
+            return False
+        if self._out_of_time():
+            for load in self.loads_of(name):
+                self._skip(name, self._out_of_time(), load)
+            return True
+        try:
+            if name == "grpc":
+                self._run_grpc(batching)
+            else:
+                self._run_baseline(name)
+        except Unavailable as exc:
+            self._skip(name, str(exc))
+            return False
+        return True
 
     def loads_of(self, label: str) -> list[Load]:
         """The loads a baseline was asked to run (``only_at`` narrows the concurrency sweep)."""
@@ -423,6 +442,7 @@ class Bench:
                 {
                     "baseline": baseline.name,
                     "label": label,
+                    "round": self.round,
                     "batching": None if batching is None else ("on" if batching else "off"),
                     **load.to_dict(),
                     "stats": summarize(records, duration, cfg.slo).to_dict(),

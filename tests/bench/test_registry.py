@@ -99,3 +99,52 @@ def test_a_bench_reports_unavailable_baselines_as_skipped(registry, lm_repo):
     reasons = {s["baseline"]: s["reason"] for s in bench.skipped}
     assert reasons["gpu"] == "no CUDA device"
     assert "cannot import" in reasons["absent"]
+
+
+def test_rounds_repeat_every_baseline_in_rotated_order_and_report_medians(
+    registry, lm_repo, monkeypatch
+):
+    from bench import report
+    from bench.runner import Bench, BenchConfig
+    from bench.workloads import WorkloadSpec
+
+    order = []
+
+    class Timed(Recorder):
+        def run(self, prompts, output_len, concurrency):
+            order.append(self.name)
+            return super().run(prompts, output_len, concurrency)
+
+    class Slow(Timed):
+        name = "slow"
+
+        def run(self, prompts, output_len, concurrency):
+            order.append(self.name)
+            base = 1.0 + len(order)  # a later round is slower: the range shows it
+            return [RequestRecord(0.0, [base * (i + 1) for i in range(n)], 1) for n in output_len]
+
+    monkeypatch.setattr(sys.modules["bench_fake_baselines"], "Recorder", Timed)
+    monkeypatch.setattr(sys.modules["bench_fake_baselines"], "Slow", Slow, raising=False)
+    monkeypatch.setitem(baselines.REGISTRY, "slow", "bench_fake_baselines:Slow")
+    config = BenchConfig(
+        repo=lm_repo,
+        concurrency=(2,),
+        num_prompts=2,
+        workload=WorkloadSpec(input_len=4, output_len=3),
+        warmup=0,
+        baselines=("recorder", "slow", "gpu"),
+        rounds=3,
+    )
+    bench = Bench(config)
+    bench.run()
+    assert order == ["recorder", "slow", "slow", "recorder", "recorder", "slow"]
+    assert [r["round"] for r in bench.runs] == [0, 0, 1, 1, 2, 2]
+    assert [s["baseline"] for s in bench.skipped] == ["gpu"]  # once, not once a round
+    result = report.build(bench, 0.0)
+    by_label = {m["label"]: m for m in result["medians"]}
+    assert set(by_label) == {"recorder", "slow"}
+    assert by_label["slow"]["rounds"] == 3
+    tpot = by_label["slow"]["tpot_p50_ms"]  # one token every 3, 4 and 7 s in the three rounds
+    assert (tpot["min"], tpot["median"], tpot["max"]) == pytest.approx((3e3, 4e3, 7e3))
+    rows = report.medians_table(result).row_count
+    assert rows == 2
