@@ -6,7 +6,8 @@ through llama-cpp-python's low-level API: ``concurrency`` prompts go into one ``
 as separate sequences (llama.cpp's multi-sequence batching, one KV cell range per sequence),
 prefill in one ``llama_decode`` call, then one call per step with one token per sequence.
 Greedy: the argmax of each sequence's logits, exactly ``output_len`` tokens, end-of-text
-ignored. Threads as the server's. The KV cache is f32, as the engine's.
+ignored. Threads as the server's. The KV cache is f32, as the engine's. Weights stay in
+llama.cpp's plain CPU buffers (its AMX path crashes on q8_0 here; see ``LlamaCppGreedy``).
 
 llama-cpp-python builds llama.cpp from source (about 10 minutes on 2 cores), so it is an extra
 of its own: ``pip install -e '.[llamacpp]'`` (``CMAKE_ARGS="-DGGML_NATIVE=ON"`` builds for the
@@ -47,6 +48,10 @@ class LlamaCppGreedy:
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
         params.use_mmap = False
+        # No extra buffer types (AMX, repacked weights): on a Xeon with AMX, llama.cpp puts
+        # q8_0 weights in its AMX buffer and llama_decode then segfaults (llama-cpp-python
+        # 0.3.36, default and 2x64 shapes); f32 weights never use them.
+        params.use_extra_bufts = False
         self.model = lib.llama_model_load_from_file(str(gguf).encode(), params)
         if not self.model:
             raise Unavailable(f"llama.cpp could not load {gguf}")

@@ -38,9 +38,10 @@ class FakeLlama:
         pass
 
     def llama_model_default_params(self):
-        return SimpleNamespace(use_mmap=True)
+        return SimpleNamespace(use_mmap=True, use_extra_bufts=True)
 
     def llama_model_load_from_file(self, path, params):
+        self.model_params = params
         return "model"
 
     def llama_model_get_vocab(self, model):
@@ -129,6 +130,7 @@ def test_prompts_are_one_batch_of_sequences_then_one_token_each_per_step(tmp_pat
         ]
         assert all(c[3] for c in call)
     assert len(lib.calls) == 5  # the last step's token needs no decode call
+    assert lib.model_params.use_extra_bufts is False  # llama.cpp's AMX q8_0 path crashes here
     (params,) = lib.contexts  # one context per batch size, sized for it, f32 cache, our threads
     assert params.n_seq_max == 3 and params.n_ctx == 3 * 64 and params.n_threads == 2
     assert params.n_threads_batch == 2 and params.type_k == params.type_v == lib.GGML_TYPE_F32
