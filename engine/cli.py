@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine import cli_runtime
+from engine import sampling_defaults as defaults
 from engine.errors import EngineError
 from engine.extras import needs
 
@@ -136,10 +137,10 @@ def sample_cmd(
     prompt: Annotated[str | None, typer.Option(help="Prompt for a generative model.")] = None,
     text: Annotated[str | None, typer.Option(help="Text to classify.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output file (image grids).")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
-    top_k: Annotated[int, typer.Option(min=0)] = 0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    max_tokens: Annotated[int, typer.Option(min=1)] = defaults.MAX_TOKENS,
+    temperature: Annotated[float, typer.Option(min=0.0)] = defaults.TEMPERATURE,
+    top_k: Annotated[int, typer.Option(min=0)] = defaults.TOP_K,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = defaults.TOP_P,
     seed: Annotated[int, typer.Option()] = 0,
     option: Annotated[list[str] | None, typer.Option(help="Extra key=value.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
@@ -262,11 +263,15 @@ def serve_cmd(
         typer.Option(min=0.0, help="Classifier/GAN: how long a request may wait for a batch [0]."),
     ] = None,
     max_num_seqs: Annotated[
-        int, typer.Option(min=1, help="LM: sequences decoded together (one KV slot each).")
+        int, typer.Option(min=1, help="LM: most sequences decoded together.")
     ] = 16,
     kv_cache_bytes: Annotated[
         int | None,
-        typer.Option(min=1, help="LM: KV-cache budget in bytes [max-num-seqs full contexts]."),
+        typer.Option(
+            min=1,
+            help="LM: KV-cache budget in bytes; sequences hold 16-token blocks of it "
+            "[max-num-seqs full contexts].",
+        ),
     ] = None,
     gpu_memory_utilization: Annotated[
         float | None,
@@ -276,6 +281,13 @@ def serve_cmd(
     ] = None,
     dtype: DtypeOpt = None,
     cuda_graphs: CudaGraphsOpt = True,
+    prefix_caching: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-caching/--no-prefix-caching",
+            help="LM: reuse computed KV blocks for prompts that start the same way.",
+        ),
+    ] = True,
     grace: Annotated[float, typer.Option(min=0, help="Seconds to drain on SIGTERM.")] = 30.0,
     max_running: Annotated[int, typer.Option(min=1, help="Requests in flight per model.")] = 64,
     max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests per model.")] = 256,
@@ -315,6 +327,7 @@ def serve_cmd(
         gpu_memory_utilization=gpu_memory_utilization,
         dtype=dtype,
         cuda_graphs=cuda_graphs,
+        prefix_caching=prefix_caching,
         grace=grace,
         max_running=max_running,
         max_waiting=max_waiting,
@@ -350,16 +363,53 @@ TlsCaOpt = Annotated[Path | None, typer.Option(help="CA certificate to trust (PE
 TimeoutOpt = Annotated[float | None, typer.Option(help="Deadline in seconds.")]
 
 
+def _server_default(what: str, value: object = None) -> str:
+    """Help text for a sampling option the client leaves to the server when not given."""
+    return f"{what} [server default{f': {value}' if value is not None else ''}]"
+
+
 @client_app.command("generate")
 def client_generate_cmd(
     model: str,
     prompt: str,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float | None, typer.Option(min=0.0)] = None,
-    top_k: Annotated[int | None, typer.Option(min=0)] = None,
-    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help=_server_default("Tokens at most.", defaults.MAX_TOKENS)),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(min=0.0, help=_server_default("0 = greedy.", defaults.TEMPERATURE)),
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(min=0, help=_server_default("0 = off.", defaults.TOP_K))
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help=_server_default("Nucleus mass.", defaults.TOP_P)),
+    ] = None,
+    min_p: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help=_server_default("Min-p.", 0.0))
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(min=0.0, help=_server_default("> 1 discourages repeats.", 1.0))
+    ] = None,
+    presence_penalty: Annotated[
+        float | None, typer.Option(min=-2.0, max=2.0, help=_server_default("OpenAI's.", 0.0))
+    ] = None,
+    frequency_penalty: Annotated[
+        float | None, typer.Option(min=-2.0, max=2.0, help=_server_default("OpenAI's.", 0.0))
+    ] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help=_server_default("Random."))] = None,
+    logprobs: Annotated[
+        int | None, typer.Option(min=0, max=20, help="Print each token's logprob and top N.")
+    ] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    stop_token_id: Annotated[
+        list[int] | None, typer.Option(help="Stop token id (repeatable).")
+    ] = None,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Generate past end-of-text.")
+    ] = False,
     target: TargetOpt = "127.0.0.1:50051",
     token: TokenOpt = None,
     auth_token_file: TokenFileOpt = None,
@@ -378,8 +428,15 @@ def client_generate_cmd(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
         seed=seed,
+        logprobs=logprobs,
         stop=stop or (),
+        stop_token_ids=stop_token_id or (),
+        ignore_eos=ignore_eos,
     )
 
 

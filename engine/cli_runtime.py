@@ -9,6 +9,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from engine import sampling_defaults as defaults
 from engine.errors import EngineError
 
 RepoOpt = Annotated[Path, typer.Option(help="Model repository directory.")]
@@ -52,10 +53,10 @@ def generate_cmd(
     repo: RepoOpt,
     model: ModelOpt = None,
     version: VersionOpt = None,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
-    top_k: Annotated[int, typer.Option(min=0, help="0 = off.")] = 0,
+    max_tokens: Annotated[int, typer.Option(min=1)] = defaults.MAX_TOKENS,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = defaults.TEMPERATURE,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = defaults.TOP_P,
+    top_k: Annotated[int, typer.Option(min=0, help="0 = off.")] = defaults.TOP_K,
     seed: Annotated[int | None, typer.Option()] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     stream: Annotated[bool, typer.Option(help="Print text as it is generated.")] = True,

@@ -20,19 +20,7 @@ import grpc
 from engine.errors import EngineError
 from engine.proto import engine_pb2 as pb
 from engine.proto import engine_pb2_grpc
-
-_PARAM_FIELDS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "max_tokens",
-    "seed",
-    "logprobs",
-)
+from engine.wire import SAMPLING_SCALAR_FIELDS
 
 
 class ClientError(EngineError):
@@ -71,7 +59,7 @@ def read_token(token: str | None = None, token_file: str | Path | None = None) -
 def sampling_params(**values: Any) -> pb.SamplingParams:
     """An engine.v1.SamplingParams from keyword values; None leaves a field at its default."""
     msg = pb.SamplingParams()
-    for name in _PARAM_FIELDS:
+    for name in SAMPLING_SCALAR_FIELDS:
         if values.get(name) is not None:
             setattr(msg, name, values[name])
     msg.stop.extend(values.get("stop") or ())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from engine import sampling_defaults as defaults
 from engine.runtime.errors import InvalidSamplingParamsError
 
 MAX_LOGPROBS = 20  # OpenAI's limit; top-n logprobs cost a partition over the vocabulary
@@ -19,14 +20,15 @@ class SamplingParams:
     logits, then temperature, then ``min_p``, ``top_k`` and ``top_p`` on the result.
     """
 
-    temperature: float = 1.0  # 0 means greedy (argmax of the penalised logits)
-    top_k: int = 0  # 0 (or -1, as in vLLM) keeps the whole vocabulary
-    top_p: float = 1.0  # nucleus: smallest set of top tokens whose mass reaches top_p
+    # Defaults: engine/sampling_defaults.py, the same on every path.
+    temperature: float = defaults.TEMPERATURE  # 0 means greedy (argmax of penalised logits)
+    top_k: int = defaults.TOP_K  # 0 (or -1, as in vLLM) keeps the whole vocabulary
+    top_p: float = defaults.TOP_P  # nucleus: smallest set of top tokens whose mass reaches it
     min_p: float = 0.0  # drop tokens whose probability is below min_p * the top probability
     repetition_penalty: float = 1.0  # HF/vLLM: >1 discourages tokens seen in prompt or output
     presence_penalty: float = 0.0  # OpenAI: subtracted once from tokens already generated
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
-    max_tokens: int = 16  # OpenAI's default; the CLI passes its own
+    max_tokens: int = defaults.MAX_TOKENS
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # the matched stop string is not included in the output
     seed: int | None = None  # None: a random seed is drawn when the request is admitted

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from engine.atomic import write_bytes
 from engine.errors import EngineError
@@ -47,6 +47,7 @@ def serve(
     gpu_memory_utilization: float | None = None,
     dtype: str | None = None,
     cuda_graphs: bool = True,
+    prefix_caching: bool = True,
     grace: float = 30.0,
     max_running: int = 64,
     max_waiting: int = 256,
@@ -118,6 +119,7 @@ def serve(
             gpu_memory_utilization=gpu_memory_utilization,
             dtype=dtype,
             cuda_graphs=cuda_graphs,
+            enable_prefix_caching=prefix_caching,
         ),
     }
 
@@ -181,32 +183,27 @@ def client_generate(
     conn: Connection,
     model: str,
     prompt: str,
-    max_tokens: int = 64,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
     out: TextIO | None = None,
+    **params: Any,
 ) -> str:
-    """Stream a completion to ``out`` (stdout) as it arrives; return the whole text."""
+    """Stream a completion to ``out`` (stdout) as it arrives; return the whole text.
+
+    ``params`` are engine.v1 sampling fields (:func:`engine.client.sampling_params`); a field
+    left out or None takes the server's default. With ``logprobs``, each token's logprob (and
+    the top alternatives) follows the text, one token a line.
+    """
     out = out or sys.stdout
-    parts = []
+    parts, logprobs = [], []
     with conn.open() as client:
-        for chunk in client.generate_stream(
-            model,
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=list(stop),
-        ):
+        for chunk in client.generate_stream(model, prompt, **params):
             out.write(chunk.text)
             out.flush()
             parts.append(chunk.text)
+            logprobs.extend(chunk.logprobs)
     out.write("\n")
+    for lp in logprobs:
+        top = " ".join(f"{t.token_id}:{t.logprob:.3f}" for t in lp.top)
+        out.write(f"{lp.token_id}\t{lp.logprob:.4f}\t{top}\n")
     return "".join(parts)
 
 

@@ -13,22 +13,9 @@ from typing import Any
 from engine.runtime.errors import InvalidSamplingParamsError
 from engine.runtime.sampling_params import SamplingParams
 from engine.server.errors import invalid
+from engine.wire import SAMPLING_SCALAR_FIELDS as SCALAR_FIELDS  # also the KServe names
 
-# The optional scalar fields of engine.v1.SamplingParams (and KServe parameter names).
-SCALAR_FIELDS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "max_tokens",
-    "seed",
-    "logprobs",
-)
 _INT_FIELDS = {"top_k", "max_tokens", "seed", "logprobs"}
-DEFAULT_MAX_TOKENS = 64  # the protocol's default: SamplingParams' 16 is short for a person
 # KServe parameters that tritonclient or Triton's own clients send; accepted and ignored.
 IGNORED_KSERVE = {
     "sequence_id",
@@ -43,8 +30,8 @@ IGNORED_KSERVE = {
 
 
 def build(values: dict[str, Any], vocab_size: int | None) -> SamplingParams:
-    """Construct and validate SamplingParams; any problem becomes INVALID_ARGUMENT."""
-    values.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    """Construct and validate SamplingParams (unset values: its defaults, the same on every
+    path); any problem becomes INVALID_ARGUMENT."""
     try:
         return SamplingParams(**values).validate(vocab_size or None)
     except InvalidSamplingParamsError as exc:
