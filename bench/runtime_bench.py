@@ -168,9 +168,9 @@ def main() -> None:
     d = engine.describe()
     report["kv"] = d
     print(
-        f"# KV pool {d['kv_cache_bytes'] / 2**20:.2f} MiB preallocated ({d['kv_slots']} slots x "
-        f"{d['max_model_len']} tokens) = the budget; peak in use {d['kv_peak_bytes'] / 2**20:.2f}"
-        f" MiB; preemptions {d['preemptions']}"
+        f"# KV pool {d['kv_cache_bytes'] / 2**20:.2f} MiB preallocated ({d['kv_blocks']} blocks "
+        f"x {d['kv_block_size']} tokens) = the budget; peak in use "
+        f"{d['kv_peak_bytes'] / 2**20:.2f} MiB; preemptions {d['preemptions']}"
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

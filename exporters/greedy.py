@@ -13,6 +13,13 @@ the decoder plugins and the runtime share:
 If a KV output's sequence axis has the input tokens' axis name, the graph returns only the new
 tokens' keys/values and the caller writes them into a preallocated buffer (``kv_inplace``);
 otherwise the output is the whole cache and is fed back as the next step's input.
+
+A *paged* graph (it has a ``block_table`` input, the runtime's ``kv_inplace``) reads its KV
+inputs as pools of blocks ``(pool_blocks, heads, block_size, head_dim)`` and takes
+``cache_lens`` (batch,), ``block_table`` (batch, table_blocks), ``block_owner`` and
+``block_index`` (pool_blocks,) instead of a cache mask: row b's cached tokens are the first
+``cache_lens[b]`` positions of the blocks its table row names, and each pool block says which
+row owns it (-1: none) and where it sits in that row's table.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from exporters.base import ValidationError
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 MASK_ROLES = ("attention_mask", "cache_mask", "new_mask")
+PAGED_ROLES = ("cache_lens", "block_table", "block_owner", "block_index")
 
 
 class UnknownGraphLayout(ValidationError):
@@ -55,14 +63,16 @@ class GreedyDecoder:
         self.seq_axis_name = ids_spec.shape[1]
         outputs = {o.name.split(".", 1)[-1]: o for o in signature.outputs if "." in o.name}
         self.kv: list[KVPair] = []
+        self.paged = "block_table" in names
         for spec in signature.inputs:
-            if spec.name in ("input_ids", "position_ids", *MASK_ROLES):
+            if spec.name in ("input_ids", "position_ids", *MASK_ROLES, *PAGED_ROLES):
                 continue
             suffix = spec.name.split(".", 1)[-1]
             if len(spec.shape) < 3 or "." not in spec.name or suffix not in outputs:
                 raise UnknownGraphLayout(f"cannot tell the role of generate input {spec.name!r}")
             dynamic = [i for i, d in enumerate(spec.shape) if isinstance(d, str) and i > 0]
-            self.kv.append(KVPair(spec, outputs[suffix].name, dynamic[0] if dynamic else 2))
+            axis = 2 if self.paged else (dynamic[0] if dynamic else 2)
+            self.kv.append(KVPair(spec, outputs[suffix].name, axis))
         if not self.kv:
             raise UnknownGraphLayout("a generate graph needs KV cache inputs")
         out = next(o for o in signature.outputs if o.name == self.kv[0].output)
@@ -92,6 +102,9 @@ class GreedyDecoder:
     def prefill_logits(self, run: Runner, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Logits (B, T, V) for whole left-padded sequences with an empty cache."""
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+        if self.paged:
+            pool = PagedPool(self, len(ids), 1)
+            return run(pool.feeds(ids, positions, mask))[self.signature.outputs[0].name]
         cache = self._empty_cache(len(ids), 0)
         out = run(self._feeds(ids, positions, mask, cache, np.zeros((len(ids), 0), np.int64)))
         return out[self.signature.outputs[0].name]
@@ -107,6 +120,8 @@ class GreedyDecoder:
             ids[row, width - len(prompt) :] = prompt
             new_mask[row, width - len(prompt) :] = 1
         positions = np.where(new_mask == 1, np.cumsum(new_mask, axis=1) - 1, 0).astype(np.int64)
+        if self.paged:
+            return self._generate_paged(run, ids, positions, new_mask, max_new)
         length = width + max_new if self.inplace else 0
         cache = self._empty_cache(batch, length)
         cache_valid = np.zeros((batch, length), dtype=np.int64)
@@ -133,3 +148,62 @@ class GreedyDecoder:
             positions = positions.max(axis=1, keepdims=True) + 1
             ids, new_mask = tokens[:, step : step + 1].copy(), np.ones((batch, 1), np.int64)
         return tokens
+
+    def _generate_paged(self, run, ids, positions, new_mask, max_new: int) -> np.ndarray:
+        batch = len(ids)
+        pool = PagedPool(self, batch, ids.shape[1] + max_new)
+        tokens = np.zeros((batch, max_new), dtype=np.int64)
+        logits_name = self.signature.outputs[0].name
+        for step in range(max_new):
+            out = run(pool.feeds(ids, positions, new_mask))
+            tokens[:, step] = np.argmax(out[logits_name][:, -1], axis=-1)
+            pool.append(out, new_mask)
+            positions = positions.max(axis=1, keepdims=True) + 1
+            ids, new_mask = tokens[:, step : step + 1].copy(), np.ones((batch, 1), np.int64)
+        return tokens
+
+
+class PagedPool:
+    """A paged graph's cache for ``batch`` rows of up to ``capacity`` tokens each.
+
+    Row b owns blocks ``b, b + batch, b + 2 * batch, ...`` (interleaved, so no row's blocks are
+    contiguous and the table really is followed); its cached tokens are written in order.
+    """
+
+    def __init__(self, decoder: GreedyDecoder, batch: int, capacity: int):
+        self.decoder = decoder
+        first = decoder.kv[0].input
+        self.block_size = int(first.shape[2])
+        nb = max(1, -(-capacity // self.block_size))
+        self.table = (np.arange(nb)[None, :] * batch + np.arange(batch)[:, None]).astype(np.int64)
+        self.owner = np.repeat(np.arange(batch, dtype=np.int64)[None, :], nb, 0).reshape(-1)
+        self.index = np.repeat(np.arange(nb, dtype=np.int64), batch)
+        self.lens = np.zeros(batch, np.int64)
+        self.pools = {}
+        for pair in decoder.kv:
+            shape = list(decoder.kv_shapes[pair.input.name])
+            shape[0] = nb * batch
+            self.pools[pair.input.name] = np.zeros(shape, dtype=pair.input.dtype)
+
+    def feeds(self, ids, positions, new_mask) -> dict[str, np.ndarray]:
+        """The graph's inputs for new tokens ``ids`` after what the pool holds."""
+        return {
+            "input_ids": ids,
+            "position_ids": positions,
+            "new_mask": new_mask,
+            "cache_lens": self.lens.copy(),
+            "block_table": self.table,
+            "block_owner": self.owner,
+            "block_index": self.index,
+            **self.pools,
+        }
+
+    def append(self, out: dict[str, np.ndarray], new_mask: np.ndarray) -> None:
+        """Write the step's new keys/values (real tokens only) after each row's cache."""
+        rows, cols = np.nonzero(new_mask)
+        pos = self.lens[rows] + (np.cumsum(new_mask, axis=1) - 1)[rows, cols]
+        blocks = self.table[rows, pos // self.block_size]
+        for pair in self.decoder.kv:
+            new = out[pair.output]  # (B, H, S, D)
+            self.pools[pair.input.name][blocks, :, pos % self.block_size] = new[rows, :, cols]
+        self.lens += new_mask.sum(axis=1)

@@ -65,19 +65,26 @@ def require_tensorrt() -> Any:
     return trt
 
 
-def _axis_range(axis: str, batch: Shape, seq: Shape, cache: Shape) -> Shape:
+def _axis_range(axis: str, batch: Shape, seq: Shape, cache: Shape, block: int = 16) -> Shape:
     """(min, opt, max) of one named dynamic axis, classified by its name.
 
-    ``batch``; names with ``past``/``cache`` are cache lengths (may be 0, prefill); names with
-    ``total`` or ``a+b`` are sums of a cache and a sequence axis, so min/opt/max stay
-    consistent with the inputs they are computed from; anything else is a sequence axis.
+    ``batch``; ``table_blocks`` is a row's blocks of ``block`` tokens (one context at most)
+    and ``pool_blocks`` a paged pool's (``batch`` contexts); names with ``past``/``cache``
+    are cache lengths (may be 0, prefill); names with ``total`` or ``a+b`` are sums of a cache
+    and a sequence axis, so min/opt/max stay consistent with the inputs they are computed
+    from; anything else is a sequence axis.
     """
     name = axis.replace(" ", "").lower()
     if "+" in name:
-        parts = [_axis_range(p, batch, seq, cache) for p in name.split("+")]
+        parts = [_axis_range(p, batch, seq, cache, block) for p in name.split("+")]
         return tuple(int(sum(v)) for v in zip(*parts))
     if name == "batch":
         return batch
+    if "block" in name:
+        per_row = tuple(max(1, -(-s // block)) for s in seq)
+        if "pool" in name:
+            return tuple(b * r for b, r in zip(batch, per_row))
+        return per_row
     if "total" in name:
         return tuple(c + s for c, s in zip(cache, seq))
     if "past" in name or "cache" in name:
@@ -102,10 +109,13 @@ def profile_shapes(
     batch = (1, max(1, (max_batch + 1) // 2), max_batch)
     seq = (1, max(1, (max_seq + 1) // 2), max_seq)
     cache = (0, max_seq // 2, max_seq)
+    # a paged KV pool (pool_blocks, heads, block_size, head_dim): its block size
+    pools = [t.shape for t in signature.inputs if t.shape and t.shape[0] == "pool_blocks"]
+    block = next((s[2] for s in pools if len(s) == 4 and isinstance(s[2], int)), 16)
     out = {}
     for spec in signature.inputs:
         ranges = [
-            _axis_range(d, batch, seq, cache) if isinstance(d, str) else (d, d, d)
+            _axis_range(d, batch, seq, cache, block) if isinstance(d, str) else (d, d, d)
             for d in spec.shape
         ]
         out[spec.name] = tuple(tuple(int(r[k]) for r in ranges) for k in range(3))

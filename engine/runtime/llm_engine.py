@@ -8,6 +8,7 @@ Loading never imports torch unless the version is in the torch format.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -41,6 +42,10 @@ class EngineConfig:
     # Or: this fraction of the device memory free once the weights are loaded (CUDA, torch
     # format). vLLM's flag of the same name takes a fraction of the whole device instead.
     gpu_memory_utilization: float | None = None
+    # Keep computed prompt blocks and reuse them for prompts that start the same way (a
+    # system prompt, a few-shot header): never slower (a hit is a block copy instead of
+    # recomputing its tokens), and greedy outputs are identical either way (tested).
+    enable_prefix_caching: bool = True
     io_binding: bool = True
     # torch-format versions only (engine/runtime/torch_runner.py):
     dtype: str | None = None  # float32, float16, bfloat16; None: float16 on CUDA, float32 on CPU
@@ -67,7 +72,8 @@ class LLMEngine:
         self.max_model_len = scheduler.config.max_model_len
         self.outputs = OutputProcessor(tokenizer, scheduler.finish)
         self.front = AsyncFront(self)
-        self._slots: dict[str, int] = {}
+        self._slots: dict[str, int] = {}  # request -> its row of decode state in the runner
+        self._free_slots = list(range(scheduler.config.max_num_seqs))  # a heap: lowest first
         self._ids = itertools.count()
         self.num_steps = 0
         # The async front steps in its own thread while callers add and abort requests: the
@@ -108,19 +114,32 @@ class LLMEngine:
         serving = mv.serving
         context = int(serving["context_length"])
         max_len = min(config.max_model_len or context, context)
-        spec, make_runner = runner_factory(
+        factory = runner_factory(
             mv, max_len, config, device=device, backend=backend, threads=threads, spin=spin
         )
+        spec = factory.spec
         budget = kv_budget(config, spec, max_len, free_memory(mv, device, backend))
-        # One slot per sequence (block_size = max_model_len): the graph reads a row per sequence.
-        # Slots beyond max_num_seqs could never run at once, so the pool stops there.
-        kv = KVCacheManager.from_budget(budget, spec, max_len, max_blocks=config.max_num_seqs)
+        # Blocks of block_size tokens: a sequence holds what its tokens need. More blocks than
+        # max_num_seqs full contexts could never be used at once, so the pool stops there.
+        per_seq = -(-max_len // factory.block_size)
+        kv = KVCacheManager.from_budget(
+            budget,
+            spec,
+            factory.block_size,
+            max_blocks=per_seq * config.max_num_seqs,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        slots = config.max_num_seqs
+        if not factory.paged:  # whole-context rows: the budget buys rows, prefixes not cached
+            slots = max(1, min(slots, kv.num_blocks // per_seq))
+            kv = KVCacheManager(slots * per_seq, factory.block_size, kv.bytes_per_block, False)
         sched_config = SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
+            max_num_seqs=slots,
             max_num_batched_tokens=config.max_num_batched_tokens or max(max_len, 2048),
             max_model_len=max_len,
         )
-        runner = make_runner(kv.num_blocks)
+        runner = factory.build(slots, kv.num_blocks)
+        kv.enable_prefix_caching &= runner.supports_prefix_caching
         tokenizer = Tokenizer.from_file(str(mv.path / serving.get("tokenizer", "tokenizer.json")))
         return cls(mv, runner, Scheduler(sched_config, kv), tokenizer, config)
 
@@ -193,11 +212,21 @@ class LLMEngine:
         gone = [self._slots.pop(rid) for rid in ended if rid in self._slots]
         if gone:
             self.runner.release(np.array(gone, np.int64))
+            for slot in gone:
+                heapq.heappush(self._free_slots, slot)
+        for r in out.prefill:
+            self._slots[r.request_id] = heapq.heappop(self._free_slots)
+        kv = self.scheduler.kv
+        # Blocks the manager handed out, and copies it queued (prefix hits, cached blocks
+        # moved aside), reach the runner before the step computes.
+        for rid, blocks in kv.take_grown().items():
+            self.runner.assign_blocks(self._slots[rid], blocks)
+        copies = kv.take_copies()
+        if copies:
+            self.runner.copy_blocks(copies)
         requests = out.requests
         if not requests:
             return None, np.zeros(0, np.int64)
-        for r in out.prefill:
-            self._slots[r.request_id] = self.scheduler.kv.block_ids(r.request_id)[0]
         slots = np.fromiter((self._slots[r.request_id] for r in requests), np.int64, len(requests))
         return out, slots
 
@@ -244,7 +273,8 @@ class LLMEngine:
             "version": self.model.version,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.scheduler.config.max_num_seqs,
-            "kv_slots": stats.num_blocks,
+            "kv_blocks": stats.num_blocks,
+            "kv_block_size": stats.block_size,
             "kv_cache_bytes": self.runner.kv_bytes,
             "runner": type(self.runner).__name__,
             "dtype": str(getattr(self.runner, "dtype", None) or self.runner.graph.dtype).replace(
@@ -253,6 +283,9 @@ class LLMEngine:
             "cuda_graphs": getattr(self.runner, "num_graphs", 0),
             "kv_peak_bytes": stats.peak_bytes,
             "preemptions": stats.preemptions,
+            "prefix_caching": self.scheduler.kv.enable_prefix_caching,
+            "prefix_cache_queries": stats.prefix_queries,
+            "prefix_cache_hits": stats.prefix_hits,
         }
 
     def close(self) -> None:

@@ -1,18 +1,19 @@
-"""The model runner: owns the KV buffers and runs prefill/decode through a ``kv_inplace`` graph.
+"""The model runner: owns the KV pool and runs prefill/decode through a paged ``kv_inplace`` graph.
 
-Memory: per key/value tensor one flat buffer of ``slots * H * max_model_len * D`` floats,
-allocated once. A request holds one slot (its KV-cache block id: the manager runs with
-``block_size = max_model_len``). The buffer is viewed as (slots, H, W, D) for a window ``W``
-that covers the longest live sequence, rounded up to ``window_step`` tokens, so a decode step
-attends over W slots rather than max_model_len. When the longest sequence crosses a window
-boundary the slots are re-laid out inside the same buffer (a few times per sequence, one copy
-of the live cache each time, no allocation).
+Memory: a pool of blocks of ``block_size`` tokens per key/value tensor (engine/runtime/
+kv_pool.py), sized from the KV budget and allocated once. A request holds the blocks the
+KV-cache manager gave it, one per ``block_size`` tokens it has; the runner keeps each slot's
+block table (slots are per-request rows of decode state, at most ``max_num_seqs``).
 
-A decode step feeds the contiguous slot range ``[lo, hi)`` of that view straight to the graph
-(never a copy), gets back only the new token's keys/values, and writes them in place with one
-fancy-indexed assignment per tensor. Idle slots inside the range ride along masked out and
-their outputs are ignored; the manager hands out low slot ids first, so the range stays tight.
-The cache mask is not stored: slot t of a sequence is valid iff t < its length.
+A decode step feeds blocks ``[0, P)`` of the pool straight to the graph (never a copy; the
+manager keeps blocks in use packed at low ids, so little else lies below P), with each row's
+block table and, per pool block, the row that owns it and its place in that row's table. The
+graph computes each block's scores against its owner's queries where the block lies, so
+attention reads only live blocks and never gathers the cache (measured: a gather of the live
+blocks into a dense (B, H, T, D) cache made a batch-16 decode step 1.2-1.5x slower; see the
+README). The graph returns only the new token's keys/values, which the runner writes into the
+pool with one indexed assignment. A prefill gathers just the blocks its prompts found in the
+prefix cache into a small pool of its own (prefills are rare and their blocks few).
 """
 
 from __future__ import annotations
@@ -25,20 +26,31 @@ import numpy as np
 
 from engine.runtime.backends import Backend
 from engine.runtime.errors import ModelSignatureError
+from engine.runtime.kv_pool import HostKVPool
 from engine.runtime.sampler import SamplerOutput
 from engine.runtime.sampling_state import SamplingState
 from engine.runtime.scheduler import SchedulerOutput
 
-_TOKEN_INPUTS = ("input_ids", "position_ids", "cache_mask", "new_mask")
+_TOKEN_INPUTS = (
+    "input_ids",
+    "position_ids",
+    "new_mask",
+    "cache_lens",
+    "block_table",
+    "block_owner",
+    "block_index",
+)
+BINDING_BLOCKS = 8  # a decode step binds the pool up to a multiple of this many blocks
 
 
 @dataclass(frozen=True)
 class InplaceGraph:
-    """The roles of a ``kv_inplace`` graph's tensors (the convention of exporters/greedy.py)."""
+    """The roles of a paged ``kv_inplace`` graph's tensors (exporters/greedy.py's convention)."""
 
     logits: str
-    kv: tuple[tuple[str, str], ...]  # (cache input, new output) per key/value tensor
+    kv: tuple[tuple[str, str], ...]  # (pool input, new output) per key/value tensor
     num_heads: int
+    block_size: int
     head_dim: int
     dtype: str
 
@@ -47,6 +59,12 @@ class InplaceGraph:
         """Read the roles from a manifest's graph entry (its ``inputs``/``outputs`` lists)."""
         inputs = {t["name"]: t for t in graph["inputs"]}
         outputs = [t["name"] for t in graph["outputs"]]
+        if "cache_mask" in inputs and "block_table" not in inputs:
+            raise ModelSignatureError(
+                "this version's kv_inplace graph reads one contiguous cache row per sequence, "
+                "from before the paged KV cache; re-export it (engine export CHECKPOINT --repo "
+                "REPO) to serve it with this runtime"
+            )
         missing = [n for n in _TOKEN_INPUTS if n not in inputs]
         if missing:
             raise ModelSignatureError(f"the kv_inplace graph lacks inputs {missing}")
@@ -60,25 +78,31 @@ class InplaceGraph:
             kv.append((name, new))
         if not kv:
             raise ModelSignatureError("the kv_inplace graph has no cache inputs")
-        _, heads, _, dim = inputs[kv[0][0]]["shape"]
-        if not (isinstance(heads, int) and isinstance(dim, int)):
-            raise ModelSignatureError("cache inputs need fixed head and head-dim axes")
+        _, heads, block, dim = inputs[kv[0][0]]["shape"]
+        if not all(isinstance(d, int) for d in (heads, block, dim)):
+            raise ModelSignatureError("KV pools need fixed head, block and head-dim axes")
         logits = next(n for n in outputs if not n.startswith("new."))
-        return cls(logits, tuple(kv), heads, dim, inputs[kv[0][0]]["dtype"])
+        return cls(logits, tuple(kv), heads, block, dim, inputs[kv[0][0]]["dtype"])
 
 
 def pack_prompts(
-    requests: list, slots: np.ndarray, pad_token_id: int, sampling: SamplingState
+    requests: list,
+    slots: np.ndarray,
+    pad_token_id: int,
+    sampling: SamplingState,
+    skip: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded token ids (n, S) and lengths (n,) of requests being (re)admitted.
+    """Right-padded ids (n, S) of the tokens requests being (re)admitted must compute, and
+    how many each has (n,); ``skip`` (n,) leading tokens of each are cached already.
 
     Also loads each request's sampling parameters into its slot's row: admission work, done
     once per request, shared by every runner.
     """
-    lens = np.array([r.num_tokens for r in requests], np.int64)
+    skip = np.zeros(len(requests), np.int64) if skip is None else skip
+    lens = np.array([r.num_tokens for r in requests], np.int64) - skip
     ids = np.full((len(requests), int(lens.max())), pad_token_id, np.int64)
     for row, r in enumerate(requests):
-        tokens = r.all_token_ids
+        tokens = r.all_token_ids[int(skip[row]) :]
         ids[row, : len(tokens)] = tokens
         sampling.set_row(int(slots[row]), r.params, r.seed, r.prompt_token_ids, r.output_token_ids)
     return ids, lens
@@ -91,15 +115,24 @@ class SlotRunner(ABC):
     (:meth:`_decode`) of a step; this class samples from them and advances each slot.
     """
 
+    supports_prefix_caching = False  # True: prefills start after cached tokens, and
+    # assign_blocks / copy_blocks place them (the KV-cache manager's block ids)
+
+    def assign_blocks(self, slot: int, blocks: list[int]) -> None:  # noqa: B027 - optional
+        """The request in ``slot`` now holds ``blocks`` (in token order)."""
+
+    def copy_blocks(self, copies: list) -> None:  # noqa: B027 - optional
+        """Apply the KV-cache manager's block copies, in order, before the step computes."""
+
     def _init_slots(self, num_slots: int, vocab_size: int, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
-        self.length = np.zeros(num_slots, np.int64)  # cached tokens = next write position
+        self.length = np.zeros(num_slots, np.int64)  # tokens in the cache = next position
         self.last_token = np.full(num_slots, pad_token_id, np.int64)
         self.steps = np.zeros(num_slots, np.int64)  # output tokens so far (keys the RNG)
         self.sampling = SamplingState(num_slots, vocab_size)
 
     def release(self, slots: np.ndarray) -> None:
-        """Forget finished or preempted slots (their data is dead; windows may shrink)."""
+        """Forget finished or preempted slots (their blocks now belong to the manager)."""
         self.length[slots] = 0
 
     def execute(self, out: SchedulerOutput, slots: np.ndarray) -> SamplerOutput:
@@ -133,117 +166,180 @@ class SlotRunner(ABC):
 
 
 class ModelRunner(SlotRunner):
-    """Runs scheduled requests through the graph and samples their next tokens."""
+    """Runs scheduled requests through the paged graph and samples their next tokens."""
+
+    supports_prefix_caching = True
 
     def __init__(
         self,
         backend: Backend,
         graph: InplaceGraph,
         num_slots: int,
+        num_blocks: int,
         max_model_len: int,
         vocab_size: int,
         pad_token_id: int = 0,
         io_binding: bool = True,
-        window_step: int = 16,
     ):
         self.backend, self.graph = backend, graph
-        self.num_slots, self.max_model_len = num_slots, max_model_len
+        self.num_slots, self.num_blocks = num_slots, num_blocks
+        self.max_model_len = max_model_len
         self.io_binding = io_binding
-        self.window_step = window_step
-        H, T, D = graph.num_heads, max_model_len, graph.head_dim
-        self._block = H * D  # floats per slot per cached token
-        dtype = np.dtype(graph.dtype)
+        H, D, bs = graph.num_heads, graph.head_dim, graph.block_size
+        self.block_size = bs
         K = len(graph.kv)
-        # The KV pool: one allocation for every key/value tensor (row j is graph.kv[j]), written
-        # in place, never reallocated. One array lets a step write all new K/V in one call.
-        self._pool = np.zeros((K, num_slots * H * T * D), dtype)
-        self.window = min(window_step, T)
-        self._view = self.cache()
-        self._mask = np.zeros(num_slots * T, np.int64)
-        self._arange = np.arange(T, dtype=np.int64)
-        # Per-slot decode state, updated with vectorized writes after every step.
+        self.pool = HostKVPool(K, num_blocks, H, bs, D, graph.dtype)
+        width = -(-max_model_len // bs)  # blocks of the longest sequence
+        # Block tables: row s lists slot s's blocks; per block, the slot holding it (-1: none)
+        # and its place in that slot's table. Written when the manager hands blocks out.
+        self.table = np.zeros((num_slots, width), np.int64)
+        self.num_held = np.zeros(num_slots, np.int64)
+        self.block_slot = np.full(num_blocks, -1, np.int64)
+        self.block_pos = np.zeros(num_blocks, np.int64)
         self._init_slots(num_slots, vocab_size, pad_token_id)
-        self._ids = np.full((num_slots, 1), pad_token_id, np.int64)
-        self._pos = np.zeros((num_slots, 1), np.int64)
-        self._ones = np.ones((num_slots, 1), np.int64)
-        # Decode outputs, bound (IOBinding) to these preallocated arrays.
+        # Decode inputs and outputs, preallocated; a step's arrays are views of these, so an
+        # IOBinding stays valid while the step's shapes (rows, table width, pool blocks) do.
+        self._ids = np.zeros(num_slots, np.int64)
+        self._pos = np.zeros(num_slots, np.int64)
+        self._ones = np.ones(num_slots, np.int64)
+        self._table = np.zeros(num_slots * width, np.int64)
+        self._owner = np.zeros(num_blocks, np.int64)
+        self._index = np.zeros(num_blocks, np.int64)
+        self._row_of_slot = np.full(num_slots + 1, -1, np.int64)  # [-1] answers block_slot -1
         self._logits = np.zeros((num_slots, 1, vocab_size), np.float32)
-        self._new = np.zeros((K, num_slots, H, 1, D), dtype)
-        # An empty one-slot cache for prefill: a fresh request attends only to its own tokens.
-        self._no_cache = np.zeros((num_slots, H, 1, D), dtype)
-        self._no_mask = np.zeros((num_slots, 1), np.int64)
+        self._new = np.zeros((K, num_slots, H, 1, D), np.dtype(graph.dtype))
+        self._no_pool = np.zeros((1, H, bs, D), np.dtype(graph.dtype))
         self._bound: tuple | None = None  # (key, feeds, outputs) of the last bound decode step
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of the preallocated KV pool."""
-        return self._pool.nbytes
+        return self.pool.nbytes
 
-    def cache(self, window: int | None = None) -> np.ndarray:
-        """The (K, slots, H, window, D) view of the pool (default: the current window)."""
-        w = self.window if window is None else window
-        H, D = self.graph.num_heads, self.graph.head_dim
-        return self._pool[:, : self.num_slots * self._block * w].reshape(
-            len(self.graph.kv), self.num_slots, H, w, D
-        )
+    # -- blocks ---------------------------------------------------------------------------------
+    def assign_blocks(self, slot: int, blocks: list[int]) -> None:
+        """The request in ``slot`` now holds ``blocks`` (in token order)."""
+        n = len(blocks)
+        ids = np.asarray(blocks, np.int64)
+        self.table[slot, :n] = ids
+        self.num_held[slot] = n
+        self.block_slot[ids] = slot
+        self.block_pos[ids] = np.arange(n)
 
-    def _fit_window(self, needed: int) -> None:
-        """Re-lay the pool out for the smallest window step that holds ``needed`` tokens.
+    def copy_blocks(self, copies: list) -> None:
+        """Apply the manager's block copies (prefix hits, cached blocks moved) in order."""
+        self.pool.copy(copies)
 
-        Growing is a must. Shrinking copies every live sequence to save attention over one
-        step of idle slots, which the next growth takes back: when the longest of many
-        sequences ends, the others soon reach the old window again. So the window shrinks
-        only when that saves at least two steps, or when nothing live would be copied.
-        """
-        step = self.window_step
-        window = min(self.max_model_len, max(step, -(-needed // step) * step))
-        if window == self.window:
-            return
-        if self.window - 2 * step < window < self.window and self.length.any():
-            return  # a shrink by one step: not worth a copy of the live cache
-        old, keep = self.window, min(self.window, window)
-        live = np.flatnonzero(self.length)
-        # Growing moves each slot to a higher offset, so go last-first; shrinking, first-last.
-        # A slot only ever overlaps its own old place, which numpy's assignment handles.
-        order = live[::-1] if window > old else live
-        src, dst = self.cache(old), self.cache(window)
-        for s in order:
-            dst[:, s, :, :keep] = src[:, s, :, :keep]
-        self.window = window
-        self._view = dst
-        self._bound = None
+    def release(self, slots: np.ndarray) -> None:
+        """Forget finished or preempted slots; their blocks go back to the manager."""
+        for slot in slots.tolist():
+            held = self.table[slot, : self.num_held[slot]]
+            mine = held[self.block_slot[held] == slot]  # not yet handed to someone else
+            self.block_slot[mine] = -1
+        self.num_held[slots] = 0
+        super().release(slots)
 
+    # -- prefill --------------------------------------------------------------------------------
     def _prefill(self, out: SchedulerOutput, slots: np.ndarray) -> np.ndarray:
-        """Compute whole prompts (right-padded) into fresh slots; return last-token logits."""
+        """Compute each prompt's uncached tokens (right-padded); return last-token logits."""
         requests = out.prefill
-        ids, lens = pack_prompts(requests, slots, self.pad_token_id, self.sampling)
+        cached = np.array([r.num_computed_tokens for r in requests], np.int64)
+        ids, lens = pack_prompts(requests, slots, self.pad_token_id, self.sampling, cached)
         n, S = ids.shape
-        new_mask = (self._arange[:S][None, :] < lens[:, None]).astype(np.int64)
+        bs = self.block_size
+        arange = np.arange(S, dtype=np.int64)
+        new_mask = (arange[None, :] < lens[:, None]).astype(np.int64)
         feeds = {
             "input_ids": ids,
-            "position_ids": np.broadcast_to(self._arange[:S], (n, S)).copy(),
-            "cache_mask": self._no_mask[:n],
+            "position_ids": cached[:, None] + arange[None, :],
             "new_mask": new_mask,
-            **{name: self._no_cache[:n] for name, _ in self.graph.kv},
+            "cache_lens": cached,
+            **self._prefill_cache(slots, cached // bs),
         }
         result = self.backend.run(feeds)
-        self.length[slots] = 0
-        self._fit_window(max(S, int(self.length.max())))
-        for j, (_, new) in enumerate(self.graph.kv):
-            self._view[j, slots, :, :S, :] = result[new]  # slots past a row's length: masked
-        self.length[slots] = lens
+        # the new tokens' keys/values, real ones only, after each row's cached tokens
+        rows, cols = np.nonzero(new_mask)
+        pos = cached[rows] + cols
+        blocks = self.table[slots[rows], pos // bs]
+        new = np.stack([result[name] for _, name in self.graph.kv])  # (K, n, H, S, D)
+        self.pool.write(blocks, pos % bs, new[:, rows, :, cols, :])
+        self.length[slots] = cached + lens
         self.steps[slots] = [r.num_output_tokens for r in requests]
         return result[self.graph.logits][np.arange(n), lens - 1]
 
-    def _feeds(self, lo: int, hi: int, mask: np.ndarray) -> dict[str, np.ndarray]:
-        """Decode inputs for the slot range [lo, hi): views of the runner's buffers, no copies."""
+    def _prefill_cache(self, slots: np.ndarray, cached_blocks: np.ndarray) -> dict:
+        """A small pool of just the prompts' cached blocks (a copy), and its block tables."""
+        n = len(slots)
+        nb = max(1, int(cached_blocks.max()))
+        if not cached_blocks.any():  # nothing cached: one empty block nobody owns
+            pools = {name: self._no_pool for name, _ in self.graph.kv}
+            table = np.zeros((n, 1), np.int64)
+            return {
+                "block_table": table,
+                "block_owner": np.full(1, -1, np.int64),
+                "block_index": np.zeros(1, np.int64),
+                **pools,
+            }
+        rows = np.repeat(np.arange(n), cached_blocks)
+        index = np.concatenate([np.arange(c) for c in cached_blocks])
+        table = np.zeros((n, nb), np.int64)
+        table[rows, index] = np.arange(len(rows))
+        gathered = self.pool.gather(self.table[slots[rows], index])  # (K, m, H, bs, D)
+        pools = {name: gathered[j] for j, (name, _) in enumerate(self.graph.kv)}
+        return {"block_table": table, "block_owner": rows, "block_index": index, **pools}
+
+    # -- decode ---------------------------------------------------------------------------------
+    def _decode(self, slots: np.ndarray) -> np.ndarray:
+        """One token for each slot, reading the pool in place; return their logits (n, V)."""
+        n, bs = len(slots), self.block_size
+        length = self.length[slots]
+        cache_blocks = -(-length // bs)  # blocks holding each row's cached tokens
+        nb = int(cache_blocks.max())
+        table = self._table[: n * nb].reshape(n, nb)
+        np.copyto(table, self.table[slots, :nb])
+        table[np.arange(nb)[None, :] >= cache_blocks[:, None]] = 0  # past a row's cache
+        used = int(table.max()) + 1
+        P = min(self.num_blocks, -(-used // BINDING_BLOCKS) * BINDING_BLOCKS)
+        # Each pool block below P: the batch row owning it, if its tokens are that row's cache
+        # (the block a row's new token goes to is not, yet); -1 otherwise.
+        self._row_of_slot[slots] = np.arange(n)
+        owner, index = self._owner[:P], self._index[:P]
+        np.take(self._row_of_slot, self.block_slot[:P], out=owner)
+        self._row_of_slot[slots] = -1
+        np.copyto(index, self.block_pos[:P])
+        theirs = np.flatnonzero(owner >= 0)
+        owner[theirs[index[theirs] >= cache_blocks[owner[theirs]]]] = -1
+        self._ids[:n] = self.last_token[slots]
+        self._pos[:n] = length
+        if self.io_binding:
+            # Every array bound here is a fixed view of a preallocated buffer: while the key
+            # holds, the previous step's binding still points at them.
+            key = (n, nb, P)
+            if self._bound is None or self._bound[0] != key:
+                self._bound = (key, self._feeds(n, nb, P), self._outputs(n))
+            _, feeds, outs = self._bound
+            result = self.backend.run(feeds, outs, binding_key=key)
+            new = self._new[:, :n]
+        else:
+            result = self.backend.run(self._feeds(n, nb, P))
+            new = np.stack([result[name] for _, name in self.graph.kv])
+        blocks = self.table[slots, length // bs]
+        self.pool.write(blocks, length % bs, new[:, :, :, 0, :].transpose(1, 0, 2, 3))
+        self.length[slots] += 1
+        return result[self.graph.logits][:, 0]
+
+    def _feeds(self, n: int, nb: int, P: int) -> dict[str, np.ndarray]:
+        """Decode inputs: views of the runner's buffers and of the pool, no copies."""
         feeds = {
-            "input_ids": self._ids[lo:hi],
-            "position_ids": self._pos[lo:hi],
-            "cache_mask": mask,
-            "new_mask": self._ones[lo:hi],
+            "input_ids": self._ids[:n, None],
+            "position_ids": self._pos[:n, None],
+            "new_mask": self._ones[:n, None],
+            "cache_lens": self._pos[:n],
+            "block_table": self._table[: n * nb].reshape(n, nb),
+            "block_owner": self._owner[:P],
+            "block_index": self._index[:P],
         }
-        feeds.update((name, self._view[j, lo:hi]) for j, (name, _) in enumerate(self.graph.kv))
+        feeds.update((name, self.pool.view(j, P)) for j, (name, _) in enumerate(self.graph.kv))
         return feeds
 
     def _outputs(self, n: int) -> dict[str, np.ndarray]:
@@ -251,38 +347,3 @@ class ModelRunner(SlotRunner):
         outs = {self.graph.logits: self._logits[:n]}
         outs.update((new, self._new[j, :n]) for j, (_, new) in enumerate(self.graph.kv))
         return outs
-
-    def _decode(self, slots: np.ndarray) -> np.ndarray:
-        """One token for each slot, reading the KV pool in place; return their logits (d, V)."""
-        self._fit_window(int(self.length.max()) + 1)
-        lo, hi = int(slots.min()), int(slots.max()) + 1
-        n, W = hi - lo, self.window  # n rows in the range, W cache slots each
-        self._ids[slots, 0] = self.last_token[slots]
-        self._pos[slots, 0] = self.length[slots]
-        mask = self._mask[: n * W].reshape(n, W)
-        np.less(self._arange[:W], self.length[lo:hi, None], out=mask, casting="unsafe")
-        view = self._view
-        if self.io_binding:
-            # Every array bound here is a fixed view of a preallocated buffer: while the range
-            # and the window stay the same, the previous step's binding still points at them.
-            key = (lo, hi, W)
-            if self._bound is None or self._bound[0] != key:
-                self._bound = (key, self._feeds(lo, hi, mask), self._outputs(n))
-            _, feeds, outs = self._bound
-            result = self.backend.run(feeds, outs, binding_key=key)
-            new = self._new[:, :n]
-        else:
-            result = self.backend.run(self._feeds(lo, hi, mask))
-            new = np.stack([result[name] for _, name in self.graph.kv])
-        pos = self.length[slots]
-        # Usually every row in [lo, hi) is scheduled, in order: then the outputs need no gather.
-        if len(slots) == n and (n == 1 or (np.diff(slots) == 1).all()):
-            # view[:, slots, :, pos, :] is (n, K, H, D): the advanced indices go first
-            view[:, slots, :, pos, :] = new[:, :, :, 0, :].transpose(1, 0, 2, 3)
-            logits = result[self.graph.logits][:, 0]
-        else:
-            rows = slots - lo
-            view[:, slots, :, pos, :] = new[:, rows, :, 0, :]  # (n, K, H, D) as well
-            logits = result[self.graph.logits][rows, 0]
-        self.length[slots] += 1
-        return logits

@@ -1,14 +1,16 @@
 """The runner factory: which runner serves a model version (ONNX or torch), and its KV shape.
 
 A ``torch``-format version runs on :class:`~engine.runtime.torch_runner.TorchRunner` (the only
-import of torch on the serving side); every other version on the ``kv_inplace`` ONNX graph
-through :class:`~engine.runtime.model_runner.ModelRunner`. The runner is built once the KV
-pool's size is known, so the factory returns the KV shape first and a builder of the runner.
+import of torch on the serving side); every other version on the paged ``kv_inplace`` ONNX
+graph through :class:`~engine.runtime.model_runner.ModelRunner`. The runner is built once the
+KV pool's size is known, so the factory returns the KV shape and block size first and a
+builder of the runner for a number of slots (requests at once) and of KV blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,8 +27,20 @@ if TYPE_CHECKING:
 INPLACE_VARIANT = "kv_inplace"
 TORCH_FORMAT = "torch"  # versions of this format run on engine/runtime/torch_runner.py
 
-RunnerFactory = Callable[[int], Any]  # number of KV slots -> a runner
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+TORCH_BLOCK_SIZE = 16  # the torch runner's blocks are accounting only (its cache is static)
+
+
+@dataclass(frozen=True)
+class RunnerFactory:
+    """What the engine needs before the runner exists: the KV shape, the block size, a builder."""
+
+    spec: KVCacheSpec
+    block_size: int
+    build: Callable[[int, int], Any]  # (slots, KV blocks) -> a runner
+    # False: the runner keeps one static row of the whole context per slot, so the budget
+    # buys whole-context slots and a sequence never outgrows its row (the torch runner).
+    paged: bool = True
 
 
 def runner_factory(
@@ -38,8 +52,8 @@ def runner_factory(
     backend: str | None = None,
     threads: int | None = None,
     spin: bool = True,
-) -> tuple[KVCacheSpec, RunnerFactory]:
-    """The KV shape of ``mv``'s runner and a function that builds it for a number of slots."""
+) -> RunnerFactory:
+    """The KV shape and block size of ``mv``'s runner and a builder of it."""
     if serves_with_torch(mv, backend):
         return _torch_runner(mv, max_len, device, threads, config)
     return _onnx_runner(mv, max_len, device, backend, threads, spin, config)
@@ -112,7 +126,7 @@ def _onnx_runner(
     threads: int | None,
     spin: bool,
     config: EngineConfig,
-) -> tuple[KVCacheSpec, RunnerFactory]:
+) -> RunnerFactory:
     """The KV shape of the ``kv_inplace`` graph and a factory of its :class:`ModelRunner`."""
     serving = mv.serving
     graph = InplaceGraph.from_manifest(mv.graph(INPLACE_VARIANT))
@@ -125,36 +139,40 @@ def _onnx_runner(
     itemsize = np.dtype(graph.dtype).itemsize
     spec = KVCacheSpec(len(graph.kv) // 2, graph.num_heads, graph.head_dim, itemsize)
 
-    def make(num_slots: int) -> ModelRunner:
+    def make(num_slots: int, num_blocks: int) -> ModelRunner:
         options = BackendOptions(device=device, intra_op_threads=threads, spin=spin)
         return ModelRunner(
             mv.load(INPLACE_VARIANT, options, backend),
             graph,
             num_slots,
+            num_blocks,
             max_len,
             int(serving["vocab_size"]),
             int(serving.get("pad_token_id", 0)),
             config.io_binding,
         )
 
-    return spec, make
+    return RunnerFactory(spec, graph.block_size, make)
 
 
 def _torch_runner(
     mv: ModelVersion, max_len: int, device: str, threads: int | None, config: EngineConfig
-) -> tuple[KVCacheSpec, RunnerFactory]:
+) -> RunnerFactory:
     """The KV shape in the chosen dtype and a factory of the :class:`TorchRunner`.
 
     The weights are loaded here, before the pool is sized, so that the free device memory a
     ``gpu_memory_utilization`` budget is taken from is what they leave (:func:`free_memory`).
+    Its cache is one static row of the whole context per slot (CUDA graphs need fixed
+    addresses), so KV blocks only count memory there; prefixes are not cached.
     """
     from engine.runtime import torch_runner  # the only import of torch on the serving side
 
     module = torch_runner.TorchRunner.load_module(mv, device, config.dtype, threads)
 
-    def make(num_slots: int) -> Any:
+    def make(num_slots: int, num_blocks: int) -> Any:
         return torch_runner.TorchRunner.from_version(
             mv, num_slots, max_len, cuda_graphs=config.cuda_graphs, module=module
         )
 
-    return torch_runner.kv_spec(mv.serving, module[2]), make
+    spec = torch_runner.kv_spec(mv.serving, module[2])
+    return RunnerFactory(spec, TORCH_BLOCK_SIZE, make, paged=False)

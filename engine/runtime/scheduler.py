@@ -4,11 +4,15 @@ vLLM v1's loop: ``schedule()`` -> the model runner executes -> ``update()`` with
 tokens. The scheduler holds no tensors; it moves :class:`Request` objects between a waiting
 queue and a running list and asks the :class:`KVCacheManager` for memory.
 
-Policy: FCFS. Running requests decode first, oldest first; if one cannot grow its memory the
-newest running request is preempted (its memory freed, its progress kept as tokens) and goes
-to the front of the waiting queue, to be recomputed by a prefill when memory allows. Waiting
-requests are admitted from the front only, so nobody is overtaken. A prompt is prefilled in
-one step (no chunked prefill), so ``max_num_batched_tokens`` must cover ``max_model_len``.
+Policy: FCFS. Running requests decode first, oldest first; each holds KV blocks for the tokens
+it has and takes one more block every ``block_size`` tokens. If one cannot grow, the newest
+running request is preempted (its blocks freed - the full ones stay in the prefix cache - and
+its progress kept as tokens) and goes to the front of the waiting queue, to be recomputed by a
+prefill when memory allows (mostly from the prefix cache, if its blocks were not reclaimed
+meanwhile). Waiting requests are admitted from the front only, so nobody is overtaken; an
+admitted request's prefill computes only the tokens the prefix cache does not hold. A prompt
+is prefilled in one step (no chunked prefill), so ``max_num_batched_tokens`` must cover
+``max_model_len``.
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ class SchedulerOutput:
 
     @property
     def num_scheduled_tokens(self) -> int:
-        """Tokens the model computes this step."""
-        return sum(r.num_tokens for r in self.prefill) + len(self.decode)
+        """Tokens the model computes this step (a prefill skips its cached prefix)."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.prefill) + len(self.decode)
 
     @property
     def is_empty(self) -> bool:
@@ -124,7 +128,7 @@ class Scheduler:
         self._finished_ids.append(request.request_id)
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request.request_id)
+        self.kv.free(request.request_id)  # its full blocks stay cached: the recompute is cheap
         self.kv.record_preemption()
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -157,16 +161,19 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
-            n = request.num_tokens  # a resumed request recomputes its output tokens too
-            if n > budget or not self.kv.can_admit(n):
+            tokens = request.all_token_ids  # a resumed request recomputes its output too
+            n = len(tokens)
+            if n - self.kv.cached_tokens(tokens) > budget or not self.kv.can_admit(n):
                 break
-            if not self.kv.allocate(request.request_id, n):
+            cached = self.kv.admit(request.request_id, tokens, max_compute=budget)
+            if cached is None:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = cached  # the prefill computes the rest
             self.running.append(request)
             out.prefill.append(request)
-            budget -= n
+            budget -= n - cached
         return out
 
     def update(self, out: SchedulerOutput, sampled_token_ids: Sequence[int]) -> list[Request]:
@@ -176,11 +183,15 @@ class Scheduler:
         """
         now = time.monotonic()
         progressed = []
+        caching, block = self.kv.enable_prefix_caching, self.kv.block_size
         for request, token in zip(out.requests, sampled_token_ids):
             if request.is_finished or request.status != RequestStatus.RUNNING:
                 continue
             token = int(token)
-            request.num_computed_tokens = request.num_tokens
+            before, request.num_computed_tokens = request.num_computed_tokens, request.num_tokens
+            if caching and before // block < request.num_tokens // block:
+                # the blocks this step filled join the prefix cache
+                self.kv.commit(request.request_id, request.all_token_ids, request.num_tokens)
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now

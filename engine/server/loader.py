@@ -95,6 +95,10 @@ class LanguageModel:
             num_running=scheduler.num_running,
             num_waiting=scheduler.num_waiting,
             steps=self.engine.num_steps,
+            kv_blocks_cached=kv.cached_blocks,
+            prefix_queries=kv.prefix_queries,
+            prefix_hits=kv.prefix_hits,
+            preemptions=kv.preemptions,
         )
 
     async def close(self) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -44,6 +44,12 @@ class ServerMetrics:
         )
         self.kv_blocks_free = Gauge(
             "engine_kv_blocks_free", "KV-cache blocks nobody holds.", ["model"], registry=r
+        )
+        self.sequences_running = Gauge(
+            "engine_sequences_running",
+            "Sequences the scheduler decodes together (each holding KV blocks).",
+            ["model"],
+            registry=r,
         )
         self.ttft = Histogram(
             "engine_time_to_first_token_seconds",
@@ -84,6 +90,7 @@ class ServerMetrics:
             gauges += [
                 ("kv_blocks_used", self.kv_blocks_used),
                 ("kv_blocks_free", self.kv_blocks_free),
+                ("sequences_running", self.sequences_running),
             ]
         for key, gauge in gauges:
             gauge.labels(model).set_function(lambda key=key: float(read()[key]))
@@ -122,6 +129,26 @@ class _RuntimeCollector:
         steps = CounterMetricFamily(
             "engine_steps", "Engine steps (one batched decode or prefill each).", labels=["model"]
         )
+        counters = {  # ModelStats field -> (name, help)
+            "prefix_queries": (
+                "engine_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache (vLLM's prefix_cache_queries).",
+            ),
+            "prefix_hits": (
+                "engine_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache and not recomputed.",
+            ),
+            "preemptions": (
+                "engine_preemptions",
+                "Requests evicted from KV memory when it ran out, recomputed later.",
+            ),
+        }
+        families = {k: CounterMetricFamily(*v, labels=["model"]) for k, v in counters.items()}
+        cached = GaugeMetricFamily(
+            "engine_kv_blocks_cached",
+            "Free KV-cache blocks holding a cached prefix (reclaimed on demand).",
+            labels=["model"],
+        )
         for model, stats in sorted(self._read().items()):
             if stats.batch_sizes:
                 buckets = []
@@ -134,5 +161,10 @@ class _RuntimeCollector:
                 batch.add_metric([model], buckets, total)
             if stats.steps:
                 steps.add_metric([model], stats.steps)
+                for key, family in families.items():
+                    family.add_metric([model], getattr(stats, key))
+                cached.add_metric([model], stats.kv_blocks_cached)
         yield batch
         yield steps
+        yield from families.values()
+        yield cached

@@ -66,6 +66,10 @@ class ModelStats:
     num_running: int = 0
     num_waiting: int = 0
     steps: int = 0  # generate: engine steps so far (generated tokens / steps = mean batch)
+    kv_blocks_cached: int = 0  # generate: free blocks holding a cached prefix (reclaimable)
+    prefix_queries: int = 0  # generate: prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # ... found there (not recomputed)
+    preemptions: int = 0  # generate: requests evicted from KV memory and recomputed later
     batch_sizes: dict[int, int] = field(default_factory=dict)  # rows per backend call -> count
     batch_ns: dict[int, int] = field(default_factory=dict)  # rows per backend call -> total ns
 

@@ -145,6 +145,7 @@ class Serving:
                 "running": queue.running,
                 "kv_blocks_used": stats.kv_blocks_used,
                 "kv_blocks_free": stats.kv_blocks_free,
+                "sequences_running": stats.num_running,
             }
 
         return read

@@ -225,13 +225,18 @@ class DecoderLM(Architecture):
             inputs += _kv_specs("past_key_values", layers, ("batch", H, "past_sequence", D))
             outputs = [logits, *_kv_specs("present", layers, ("batch", H, "total_sequence", D))]
         elif variant == "kv_inplace":
+            # The runtime's paged KV cache: pools of blocks read in place through block tables.
             inputs = [
                 TensorSpec("input_ids", "int64", tokens),
                 TensorSpec("position_ids", "int64", tokens),
-                TensorSpec("cache_mask", "int64", ("batch", "cache_sequence")),
                 TensorSpec("new_mask", "int64", tokens),
+                TensorSpec("cache_lens", "int64", ("batch",)),
+                TensorSpec("block_table", "int64", ("batch", "table_blocks")),
+                TensorSpec("block_owner", "int64", ("pool_blocks",)),
+                TensorSpec("block_index", "int64", ("pool_blocks",)),
             ]
-            inputs += _kv_specs("cache", layers, ("batch", H, "cache_sequence", D))
+            pool = ("pool_blocks", H, config.kv_block_size, D)
+            inputs += _kv_specs("cache", layers, pool)
             outputs = [logits, *_kv_specs("new", layers, ("batch", H, "sequence", D))]
         else:
             raise ValueError(f"unknown export variant {variant!r} for {self.name}")
@@ -257,9 +262,11 @@ class DecoderLM(Architecture):
         seed: int = 0,
         variant: str = "default",
     ) -> dict[str, np.ndarray]:
-        """Inputs of the runtime's shape: row 0 full, later rows left-padded / with cache holes.
+        """Inputs of the runtime's shape: row 0 full, later rows left-padded / shorter caches.
 
-        Positions count each row's valid tokens, as the runtime assigns them.
+        Positions count each row's valid tokens, as the runtime assigns them. For
+        ``kv_inplace`` each row's ``past`` tokens (fewer for later rows) sit in shuffled blocks
+        of a pool that also holds blocks no row owns, as the runtime's pool does.
         """
         if variant not in self.export_variants(config):
             raise ValueError(f"unknown export variant {variant!r} for {self.name}")
@@ -268,25 +275,19 @@ class DecoderLM(Architecture):
         # Later rows get more left padding in the new chunk (row 0 none, at most half).
         new_pad = (np.arange(batch) * (seq // 2)) // max(batch - 1, 1)
         new_mask = (np.arange(seq)[None, :] >= new_pad[:, None]).astype(np.int64)
+        if variant == "kv_inplace":
+            return _paged_example(config, rng, batch, past, new_mask)
         # Cache slots: row 0 all valid, other rows lose about a quarter at random.
         cache_mask = (rng.random((batch, past)) >= 0.25).astype(np.int64)
         cache_mask[0] = 1
-        valid_before = cache_mask.sum(axis=1, keepdims=True)
-        position_ids = np.where(new_mask == 1, valid_before + np.cumsum(new_mask, axis=1) - 1, 0)
-        position_ids = np.minimum(position_ids, config.block_size - 1).astype(np.int64)
-        input_ids = rng.integers(4, config.vocab_size, size=(batch, seq)).astype(np.int64)
-        input_ids = np.where(new_mask == 1, input_ids, PAD_ID)
+        ids = _new_tokens(config, rng, cache_mask.sum(axis=1), new_mask)
         kv = {}
-        prefix = "past_key_values" if variant == "default" else "cache"
         for i in range(config.n_layer):
             for part in ("key", "value"):
-                kv[f"{prefix}.{i}.{part}"] = rng.standard_normal((batch, H, past, D)).astype(
-                    np.float32
-                )
-        ids = {"input_ids": input_ids, "position_ids": position_ids}
-        if variant == "default":
-            return {**ids, "attention_mask": np.concatenate([cache_mask, new_mask], 1), **kv}
-        return {**ids, "cache_mask": cache_mask, "new_mask": new_mask, **kv}
+                kv[f"past_key_values.{i}.{part}"] = rng.standard_normal(
+                    (batch, H, past, D)
+                ).astype(np.float32)
+        return {**ids, "attention_mask": np.concatenate([cache_mask, new_mask], 1), **kv}
 
     def serving_metadata(self, config: DecoderLMConfig, ckpt_dir: Path) -> dict[str, Any]:
         """Shape of the KV cache, context length, special token ids and the tokenizer file."""
@@ -307,7 +308,46 @@ class DecoderLM(Architecture):
             "eos_token_id": eos_id,
             "pad_token_id": pad_id,
             "tokenizer": lm_data.TOKENIZER_FILE,
+            "kv_block_size": config.kv_block_size,
         }
+
+
+def _new_tokens(config, rng, cached: np.ndarray, new_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Random ids of the new tokens (padding where masked) and positions after ``cached``."""
+    batch, seq = new_mask.shape
+    position_ids = np.where(new_mask == 1, cached[:, None] + np.cumsum(new_mask, axis=1) - 1, 0)
+    position_ids = np.minimum(position_ids, config.block_size - 1).astype(np.int64)
+    input_ids = rng.integers(4, config.vocab_size, size=(batch, seq)).astype(np.int64)
+    return {"input_ids": np.where(new_mask == 1, input_ids, PAD_ID), "position_ids": position_ids}
+
+
+def _paged_example(config, rng, batch: int, past: int, new_mask: np.ndarray) -> dict:
+    """kv_inplace inputs: rows' cached tokens in shuffled pool blocks among unowned ones."""
+    H, D, bs = config.n_head, config.head_dim, config.kv_block_size
+    # Row 0 caches all ``past`` tokens, later rows fewer. At least two table and pool columns,
+    # so tracing keeps those axes symbolic.
+    cache_lens = np.array([past] + rng.integers(0, past + 1, batch - 1).tolist(), np.int64)
+    nb = max(2, -(-past // bs))
+    pool_blocks = batch * nb + 3  # 3 blocks nobody in the batch owns
+    order = rng.permutation(pool_blocks)
+    table = order[: batch * nb].reshape(batch, nb).astype(np.int64)
+    owner = np.full(pool_blocks, -1, np.int64)
+    index = np.zeros(pool_blocks, np.int64)
+    owner[table] = np.arange(batch)[:, None]
+    index[table] = np.arange(nb)[None, :]
+    feeds = {
+        **_new_tokens(config, rng, cache_lens, new_mask),
+        "new_mask": new_mask,
+        "cache_lens": cache_lens,
+        "block_table": table,
+        "block_owner": owner,
+        "block_index": index,
+    }
+    for i in range(config.n_layer):
+        for part in ("key", "value"):
+            shape = (pool_blocks, H, bs, D)
+            feeds[f"cache.{i}.{part}"] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
 
 
 def _scheduled_lr(config: DecoderLMConfig, step: int) -> float:
@@ -352,9 +392,11 @@ def _default_graph(model: GPT, input_ids, position_ids, attention_mask, *past_fl
     return (logits, *(t for kv in present for t in kv))
 
 
-def _inplace_graph(model: GPT, input_ids, position_ids, cache_mask, new_mask, *cache) -> tuple:
-    logits, new = model.forward_inplace(
-        input_ids, position_ids, cache_mask, new_mask, _pairs(cache)
+def _inplace_graph(
+    model: GPT, input_ids, position_ids, new_mask, cache_lens, table, owner, index, *cache
+) -> tuple:
+    logits, new = model.forward_paged(
+        input_ids, position_ids, new_mask, cache_lens, table, owner, index, _pairs(cache)
     )
     return (logits, *(t for kv in new for t in kv))
 

@@ -8,11 +8,11 @@ Two inference paths share the weights:
 
 * :meth:`GPT.forward` - the standard path. Past keys/values are concatenated with the new ones
   and returned as ``present`` (the ``default`` export variant).
-* :meth:`GPT.forward_inplace` - the ``kv_inplace`` export variant. The cache is a fixed,
-  preallocated buffer that is only read; the graph returns only the new tokens' keys/values and
-  the runtime writes them into its buffer, so no step copies the cache. Besides
-  ``cache_mask`` (B, T) it takes ``new_mask`` (B, S), so a prefill chunk of prompts of different
-  lengths can be left-padded within the chunk, as in the default path.
+* :meth:`GPT.forward_paged` - the ``kv_inplace`` export variant. The cache is the runtime's
+  pool of fixed-size blocks (vLLM's paged KV cache), read where it lies and never copied; a
+  block table says which blocks hold each row's tokens. The graph returns only the new tokens'
+  keys/values and the runtime writes them into the pool. ``new_mask`` (B, S) lets a prefill
+  chunk of prompts of different lengths be padded within the chunk, as in the default path.
 * :meth:`GPT.forward_static` - the torch runtime's decode step (engine/runtime/torch_runner.py).
   The cache is a static buffer the step writes into in place (index_put_), then attends over a
   fixed window of it: no shape depends on the data and nothing syncs with the host, so the step
@@ -41,6 +41,9 @@ class GPTConfig:
     n_head: int = 4  # head_dim 64: a multiple of 8 for fp16 / tensor-core kernels
     n_embd: int = 256
     dropout: float = 0.0  # the default run sees half an epoch: nothing to regularise yet
+    # Tokens per block of the kv_inplace graph's paged KV cache (a graph shape, not a weight):
+    # vLLM's default, and at head_dim 64 in fp32 one block of one head is a 4 KiB page.
+    kv_block_size: int = 16
 
     @property
     def head_dim(self) -> int:
@@ -102,21 +105,45 @@ class CausalSelfAttention(nn.Module):
         att = self.attn_dropout(_masked_softmax(q @ k.transpose(-2, -1), allowed))
         return self._out(att @ v), (k, v)
 
-    def forward_inplace(
-        self, x: torch.Tensor, cache: KV, cache_allowed: torch.Tensor, new_allowed: torch.Tensor
+    def forward_paged(
+        self,
+        x: torch.Tensor,
+        pool: KV,
+        table: torch.Tensor,
+        owner: torch.Tensor,
+        index: torch.Tensor,
+        cache_allowed: torch.Tensor,
+        new_allowed: torch.Tensor,
     ) -> tuple:
-        """Attend over a read-only cache and the new keys without concatenating the cache.
+        """Attend over a row's blocks of a read-only pool and its new keys; no cache is copied.
 
-        ``cache_allowed`` is (B, 1, 1, T), ``new_allowed`` (B, 1, S, S). Returns (y, (k, v)) with
-        only the new tokens' keys/values, (B, H, S, D).
+        ``pool`` holds (P, H, bs, D) key and value blocks; ``table`` (B, nb) lists row b's
+        blocks in token order; ``owner`` (P,) is the row a pool block belongs to (-1: none) and
+        ``index`` (P,) its place in that row's table; ``cache_allowed`` is (B, 1, 1, nb * bs),
+        ``new_allowed`` (B, 1, S, S). Scores are computed block by block against the owner's
+        queries, so each block is read where it lies (a gather of the pool would copy the
+        whole cache every step); only the small score and probability tensors are laid out
+        per row, for one softmax over cache and new tokens. Returns (y, (k, v)) with only the
+        new tokens' keys/values, (B, H, S, D).
         """
-        q, k, v = self._qkv(x)
-        cache_k, cache_v = cache
-        T = cache_k.shape[2]
-        scores = torch.cat([q @ cache_k.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1)
-        allowed = torch.cat([cache_allowed.expand(-1, -1, q.shape[2], -1), new_allowed], dim=-1)
-        p = _masked_softmax(scores, allowed)  # (B, H, S, T+S): one softmax over both parts
-        y = p[..., :T] @ cache_v + p[..., T:] @ v
+        q, k, v = self._qkv(x)  # (B, H, S, D)
+        pool_k, pool_v = pool
+        B, H, S, D = q.shape
+        P, bs = pool_k.shape[0], pool_k.shape[2]
+        nb = table.shape[1]
+        rows = owner.clamp(min=0)  # (P,): a block nobody in this batch owns meets row 0
+        scores_b = q[rows] @ pool_k.transpose(-2, -1)  # (P, H, S, bs)
+        scores_c = scores_b[table].permute(0, 2, 3, 1, 4).reshape(B, H, S, nb * bs)
+        scores = torch.cat([scores_c, q @ k.transpose(-2, -1)], dim=-1)
+        allowed = torch.cat([cache_allowed.expand(-1, -1, S, -1), new_allowed], dim=-1)
+        p = _masked_softmax(scores, allowed)  # (B, H, S, nb*bs + S)
+        W = nb * bs
+        p_rows = p[..., :W].reshape(B, H, S, nb, bs).permute(0, 3, 1, 2, 4)  # (B, nb, H, S, bs)
+        slot = rows * nb + torch.minimum(index.clamp(min=0), torch.full_like(index, nb - 1))
+        p_b = p_rows.reshape(B * nb, H, S, bs)[slot]  # (P, H, S, bs): back to the blocks
+        out_b = (p_b @ pool_v).reshape(P, H * S * D)  # (P, H*S*D)
+        mine = (owner[None, :] == torch.arange(B, device=owner.device)[:, None]).to(q.dtype)
+        y = (mine @ out_b).reshape(B, H, S, D) + p[..., W:] @ v  # sum each row's blocks
         return self._out(y), (k, v)
 
     def forward_static(
@@ -171,8 +198,10 @@ class Block(nn.Module):
         x = x + y
         return x + self.mlp(self.ln_2(x)), present
 
-    def forward_inplace(self, x, cache: KV, cache_allowed, new_allowed) -> tuple:
-        y, new = self.attn.forward_inplace(self.ln_1(x), cache, cache_allowed, new_allowed)
+    def forward_paged(self, x, pool: KV, table, owner, index, cache_allowed, new_allowed):
+        y, new = self.attn.forward_paged(
+            self.ln_1(x), pool, table, owner, index, cache_allowed, new_allowed
+        )
         x = x + y
         return x + self.mlp(self.ln_2(x)), new
 
@@ -260,30 +289,39 @@ class GPT(nn.Module):
             present.append(kv)
         return self._head(x), present
 
-    def forward_inplace(
+    def forward_paged(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        cache_mask: torch.Tensor,
         new_mask: torch.Tensor,
+        cache_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        block_owner: torch.Tensor,
+        block_index: torch.Tensor,
         cache: list[KV],
     ) -> tuple[torch.Tensor, list[KV]]:
         """Return logits (B, S, V) and only the new keys/values (B, H, S, D) per layer.
 
-        ``cache`` holds per-layer (key, value) buffers (B, H, T, D) that are read, never copied;
-        ``cache_mask`` (B, T) marks valid cached slots, ``new_mask`` (B, S) the real (not
-        left-pad) new tokens. Every valid cached slot precedes every new token, so slot order
-        in the buffer does not matter (positions come from ``position_ids``).
+        ``cache`` holds per-layer (key, value) pools of blocks (P, H, bs, D) that are read,
+        never copied. Row b's cached tokens are the first ``cache_lens[b]`` positions of the
+        blocks ``block_table[b]`` names (entries past them are ignored); ``block_owner`` (P,)
+        and ``block_index`` (P,) give each pool block's row in this batch (-1: none) and its
+        place in that row's table. ``new_mask`` (B, S) marks the real (not padding) new
+        tokens; every cached token precedes them (positions come from ``position_ids``).
         """
         S = input_ids.shape[1]
-        cache_allowed = (cache_mask != 0)[:, None, None, :]  # (B, 1, 1, T)
+        bs = cache[0][0].shape[2]
+        width = torch.arange(block_table.shape[1] * bs, device=input_ids.device)
+        cache_allowed = (width[None, :] < cache_lens[:, None])[:, None, None, :]  # (B,1,1,W)
         new_allowed = _causal(S, S, input_ids.device)[None, None] & (
             new_mask[:, None, None, :] != 0
         )  # (B, 1, S, S)
         x = self._embed(input_ids, position_ids)
         new = []
         for block, kv in zip(self.transformer.h, cache):
-            x, kv_new = block.forward_inplace(x, kv, cache_allowed, new_allowed)
+            x, kv_new = block.forward_paged(
+                x, kv, block_table, block_owner, block_index, cache_allowed, new_allowed
+            )
             new.append(kv_new)
         return self._head(x), new
 

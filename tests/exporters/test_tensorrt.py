@@ -21,7 +21,7 @@ H, D = 4, 8
 
 
 def _decoder_signature(variant: str) -> ExportSignature:
-    """The decoder-lm plugin's naming: total = past + new, a separate cache buffer in place."""
+    """The decoder-lm plugin's naming: total = past + new; a paged pool of 16-token blocks."""
     tokens = ("batch", "sequence")
     if variant == "default":
         inputs = (
@@ -33,9 +33,11 @@ def _decoder_signature(variant: str) -> ExportSignature:
     else:
         inputs = (
             TensorSpec("input_ids", "int64", tokens),
-            TensorSpec("cache_mask", "int64", ("batch", "cache_sequence")),
             TensorSpec("new_mask", "int64", tokens),
-            TensorSpec("cache.0.key", "float32", ("batch", H, "cache_sequence", D)),
+            TensorSpec("cache_lens", "int64", ("batch",)),
+            TensorSpec("block_table", "int64", ("batch", "table_blocks")),
+            TensorSpec("block_owner", "int64", ("pool_blocks",)),
+            TensorSpec("cache.0.key", "float32", ("pool_blocks", H, 16, D)),
         )
     return ExportSignature(inputs, (TensorSpec("logits", "float32", ("batch", "sequence", 9)),))
 
@@ -48,9 +50,12 @@ def test_profiles_cover_prefill_decode_and_keep_sums_consistent():
     for k in range(3):
         total = shapes["attention_mask"][k][1]
         assert total == shapes["input_ids"][k][1] + shapes["past_key_values.0.key"][k][2]
-    inplace = profile_shapes(_decoder_signature("kv_inplace"), max_batch=4, max_seq=32)
-    assert inplace["cache_mask"] == ((1, 0), (2, 16), (4, 32))
-    assert inplace["cache.0.key"][2] == (4, H, 32, D)
+    # paged: a row's table covers one context in blocks, the pool max_batch contexts
+    inplace = profile_shapes(_decoder_signature("kv_inplace"), max_batch=4, max_seq=40)
+    assert inplace["block_table"] == ((1, 1), (2, 2), (4, 3))
+    assert inplace["block_owner"] == ((1,), (4,), (12,))
+    assert inplace["cache.0.key"][2] == (12, H, 16, D)
+    assert inplace["cache_lens"] == ((1,), (2,), (4,))
 
 
 def test_profiles_of_fixed_and_summed_axes():

@@ -121,21 +121,40 @@ def test_left_padded_batch_matches_each_row_alone(model_and_config):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("batch,seq,past", [(1, 5, 0), (3, 4, 9), (4, 1, 16)])
-def test_kv_inplace_matches_default_path(arch, model_and_config, batch, seq, past):
+@pytest.mark.parametrize("batch,seq,past", [(1, 5, 0), (3, 4, 9), (4, 1, 16), (2, 3, 40)])
+def test_the_paged_kv_inplace_graph_matches_the_default_path(
+    arch, model_and_config, batch, seq, past
+):
+    """Attending through block tables into a shuffled pool = attending over each row's cache."""
     model, config = model_and_config
     x = arch.example_inputs(config, batch, seq, past, seed=3, variant="kv_inplace")
     t = {k: torch.from_numpy(v) for k, v in x.items()}
-    cache = [(t[f"cache.{i}.key"], t[f"cache.{i}.value"]) for i in range(config.n_layer)]
-    logits, new = model.forward_inplace(
-        t["input_ids"], t["position_ids"], t["cache_mask"], t["new_mask"], cache
+    pools = [(t[f"cache.{i}.key"], t[f"cache.{i}.value"]) for i in range(config.n_layer)]
+    logits, new = model.forward_paged(
+        t["input_ids"],
+        t["position_ids"],
+        t["new_mask"],
+        t["cache_lens"],
+        t["block_table"],
+        t["block_owner"],
+        t["block_index"],
+        pools,
     )
-    attention_mask = torch.cat([t["cache_mask"], t["new_mask"]], dim=1)
-    ref, present = model(t["input_ids"], t["position_ids"], attention_mask, cache)
+    # the same cache laid out densely per row: its blocks in table order
+    table = t["block_table"]
+    width = table.shape[1] * config.kv_block_size
+
+    def dense(pool):  # (P, H, bs, D) -> (B, H, nb * bs, D)
+        return pool[table].permute(0, 2, 1, 3, 4).reshape(batch, config.n_head, width, -1)
+
+    past_kv = [(dense(k), dense(v)) for k, v in pools]
+    valid = (torch.arange(width)[None, :] < t["cache_lens"][:, None]).long()
+    attention_mask = torch.cat([valid, t["new_mask"]], dim=1)
+    ref, present = model(t["input_ids"], t["position_ids"], attention_mask, past_kv)
     torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
     for (k, v), (pk, pv) in zip(new, present):
-        torch.testing.assert_close(k, pk[:, :, past:], atol=ATOL, rtol=0)
-        torch.testing.assert_close(v, pv[:, :, past:], atol=ATOL, rtol=0)
+        torch.testing.assert_close(k, pk[:, :, width:], atol=ATOL, rtol=0)
+        torch.testing.assert_close(v, pv[:, :, width:], atol=ATOL, rtol=0)
 
 
 def _axis_sizes(spec_shape, actual_shape, sizes):

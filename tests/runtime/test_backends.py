@@ -48,19 +48,23 @@ def inplace_graph(lm_repo):
     return mv, mv.path / mv.graph("kv_inplace")["file"]
 
 
-def _feeds(batch: int = 3, window: int = 8, heads: int = 2, dim: int = 32, layers: int = 2):
+def _feeds(batch: int = 3, blocks: int = 2, heads: int = 2, dim: int = 32, layers: int = 2):
+    """A decode step of the paged graph: each row's 20 cached tokens in two pool blocks."""
     rng = np.random.default_rng(0)
+    table = np.arange(batch * blocks).reshape(batch, blocks)
     feeds = {
         "input_ids": rng.integers(4, 8000, (batch, 1)),
-        "position_ids": np.full((batch, 1), 5),
-        "cache_mask": (np.arange(window)[None, :] < 5).repeat(batch, 0).astype(np.int64),
+        "position_ids": np.full((batch, 1), 20),
         "new_mask": np.ones((batch, 1), np.int64),
+        "cache_lens": np.full(batch, 20),
+        "block_table": table,
+        "block_owner": np.repeat(np.arange(batch), blocks),
+        "block_index": np.tile(np.arange(blocks), batch),
     }
     for i in range(layers):
         for part in ("key", "value"):
-            feeds[f"cache.{i}.{part}"] = rng.standard_normal((batch, heads, window, dim)).astype(
-                np.float32
-            )
+            shape = (batch * blocks, heads, 16, dim)
+            feeds[f"cache.{i}.{part}"] = rng.standard_normal(shape).astype(np.float32)
     return feeds
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import shutil
@@ -206,26 +205,66 @@ def test_bad_requests_raise_engine_errors_with_clear_messages(engine):
     assert not engine.has_unfinished
 
 
-def test_a_small_kv_budget_gives_fewer_slots_and_still_serves_everyone(lm_repo, prompts):
+def _run_counting(engine: LLMEngine, prompts, params) -> tuple[list, int]:
+    """Run prompts to completion; return the outputs and the most requests running at once."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    final, most = {}, 0
+    while engine.has_unfinished:
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+        most = max(most, engine.scheduler.num_running)
+    return [final[i] for i in ids], most
+
+
+def test_a_kv_budget_of_two_contexts_runs_more_than_two_sequences_at_once(lm_repo, prompts):
+    """Memory follows tokens: a sequence holds a block per 16 tokens, not a whole context."""
     probe = Engine.from_repository(lm_repo, MODEL, threads=1)
-    per_slot = probe.kv_stats().bytes_per_block
-    config = EngineConfig(max_num_seqs=8, kv_cache_bytes=2 * per_slot + 100)
+    per_block, block = probe.kv_stats().bytes_per_block, probe.kv_stats().block_size
+    blocks = 2 * (96 // block)  # two full contexts of the tiny model
+    config = EngineConfig(max_num_seqs=8, kv_cache_bytes=blocks * per_block + 100)
     engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=config)
     stats = engine.kv_stats()
-    assert stats.num_blocks == 2 and engine.runner.kv_bytes == 2 * per_slot
-    outs = engine.generate_all(prompts, GREEDY)
+    assert stats.num_blocks == blocks and engine.runner.kv_bytes == blocks * per_block
+    short = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outs, most = _run_counting(engine, [p[:9] for p in prompts], short)
+    assert most == 6  # six 15-token sequences (one block each) in two contexts' memory
     assert all(o.finish_reason == "length" for o in outs)
     assert engine.kv_stats().peak_bytes <= engine.kv_stats().budget_bytes
     assert engine.kv_stats().used_blocks == 0
 
 
-def test_a_kv_budget_past_max_num_seqs_allocates_only_the_slots_that_can_run(lm_repo):
-    probe = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig(max_num_seqs=3))
-    per_slot = probe.kv_stats().bytes_per_block
-    assert probe.kv_stats().num_blocks == 3 and probe.runner.kv_bytes == 3 * per_slot
-    config = EngineConfig(max_num_seqs=3, kv_cache_bytes=10 * per_slot)
+def test_a_kv_budget_past_max_num_seqs_allocates_only_what_can_run(lm_repo):
+    config = EngineConfig(max_num_seqs=3)
+    probe = Engine.from_repository(lm_repo, MODEL, threads=1, config=config)
+    per_block, block = probe.kv_stats().bytes_per_block, probe.kv_stats().block_size
+    full = 3 * (96 // block)  # max_num_seqs full contexts: all that can ever be in use
+    assert probe.kv_stats().num_blocks == full and probe.runner.kv_bytes == full * per_block
+    config = EngineConfig(max_num_seqs=3, kv_cache_bytes=10 * full * per_block)
     engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=config)
-    assert engine.kv_stats().num_blocks == 3 and engine.runner.kv_bytes == 3 * per_slot
+    assert engine.kv_stats().num_blocks == full and engine.runner.kv_bytes == full * per_block
+
+
+def test_running_out_of_kv_memory_preempts_and_recomputes_with_the_same_tokens(lm_repo, prompts):
+    """Through LLMEngine: requests that outgrow the pool are preempted and recomputed for real."""
+    long = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    wanted = [p[:30] for p in prompts if len(p) >= 26] + [prompts[1], prompts[2]]
+    reference = Engine.from_repository(lm_repo, MODEL, threads=1)
+    expected = [o.token_ids for o in reference.generate_all(wanted, long)]
+    assert reference.kv_stats().preemptions == 0
+    per_block = reference.kv_stats().bytes_per_block
+    for caching in (True, False):
+        config = EngineConfig(
+            max_num_seqs=4, kv_cache_bytes=8 * per_block, enable_prefix_caching=caching
+        )  # 8 blocks; a sequence of 30 + 50 tokens needs 5 by its end
+        engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=config)
+        outs = engine.generate_all(wanted, long)
+        assert [o.token_ids for o in outs] == expected, caching
+        stats = engine.kv_stats()
+        assert stats.preemptions > 0 and stats.used_blocks == 0
+        assert stats.peak_used_blocks <= 8
+        if caching:  # a preempted request finds its own full blocks again, unless reclaimed
+            assert stats.prefix_hits > 0
 
 
 def test_an_altered_file_is_refused_before_anything_loads(lm_repo, tmp_path):
@@ -266,22 +305,45 @@ def test_the_serving_path_never_imports_torch(lm_repo):
     assert result["torch"] is False and len(result["deltas"]) >= 1
 
 
-def test_the_attention_window_grows_at_once_and_shrinks_only_when_it_pays(lm_repo, prompts):
-    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig(max_num_seqs=4))
-    runner, step = engine.runner, engine.runner.window_step
-    greedy = functools.partial(SamplingParams, temperature=0.0, ignore_eos=True)
-    # 40 + 10 tokens, then 26 + 30: when the first ends (needs a 64 window) the second holds
-    # 36 tokens, one step (16) below: no copy for that; later a 3-token one ends alone.
-    engine.add_request(prompts[3], greedy(max_tokens=10))
-    engine.add_request(prompts[5], greedy(max_tokens=30))
-    windows = []
-    while engine.has_unfinished:
-        engine.step()
-        live = runner.length[runner.length > 0]
-        if live.size:  # every live sequence's cached tokens are inside the window
-            assert runner.window >= live.max()
-            windows.append(runner.window)
-    assert windows[0] == 48 and max(windows) == 64 and windows[-1] == 64
-    assert all(b >= a for a, b in zip(windows, windows[1:]))  # no one-step shrink, ever
-    engine.generate_all([prompts[4]], greedy(max_tokens=3))  # alone: nothing live to copy
-    assert runner.window == step and engine.kv_stats().used_blocks == 0
+def test_greedy_outputs_are_identical_with_prefix_caching_on_and_off(lm_repo):
+    """Prompts sharing a 48-token prefix: the cache serves it, the tokens do not change."""
+    rng = np.random.default_rng(7)
+    prefix = rng.integers(4, 8000, 48).tolist()
+    shared = [prefix + rng.integers(4, 8000, n).tolist() for n in (1, 5, 16, 9, 3, 20)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    results = {}
+    for caching in (False, True):
+        config = EngineConfig(max_num_seqs=4, enable_prefix_caching=caching)
+        engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=config)
+        first = engine.generate_all(shared[:1], params)  # computes and caches the prefix
+        rest = engine.generate_all(shared[1:], params)  # 5 requests through 4 slots
+        results[caching] = [o.token_ids for o in first + rest], engine.kv_stats()
+    (off, off_stats), (on, on_stats) = results[False], results[True]
+    assert on == off
+    assert off_stats.prefix_hits == 0 and on_stats.prefix_queries == off_stats.prefix_queries
+    # every later request found the prefix's 3 full blocks (48 tokens) cached
+    assert on_stats.prefix_hits >= 5 * 48
+    session = load_session(lm_repo / MODEL / "1" / "model.onnx", threads=1)
+    assert on[3] == greedy(session, [shared[3]], 20)[0].tolist()
+
+
+def test_a_version_exported_before_the_paged_cache_asks_to_be_re_exported():
+    from engine.runtime.errors import ModelSignatureError
+    from engine.runtime.model_runner import InplaceGraph
+
+    def spec(name, shape):
+        return {"name": name, "dtype": "float32", "shape": shape}
+
+    old = {  # the kv_inplace signature of earlier exports: one dense cache row per sequence
+        "inputs": [
+            spec("input_ids", ["batch", "sequence"]),
+            spec("position_ids", ["batch", "sequence"]),
+            spec("cache_mask", ["batch", "cache_sequence"]),
+            spec("new_mask", ["batch", "sequence"]),
+            spec("cache.0.key", ["batch", 2, "cache_sequence", 32]),
+            spec("cache.0.value", ["batch", 2, "cache_sequence", 32]),
+        ],
+        "outputs": [spec("logits", ["batch", "sequence", 8]), spec("new.0.key", [])],
+    }
+    with pytest.raises(ModelSignatureError, match="re-export"):
+        InplaceGraph.from_manifest(old)

@@ -191,7 +191,7 @@ def test_gpu_memory_utilization_sizes_the_pool_from_free_device_memory(lm_torch_
 
     mv = open_version(lm_torch_repo, MODEL)
     assert runners.free_memory(mv, "cpu", None) is None  # off CUDA nothing measures it
-    spec, _ = runners.runner_factory(mv, 96, EngineConfig(), threads=1)
+    spec = runners.runner_factory(mv, 96, EngineConfig(), threads=1).spec
     per_seq = spec.bytes_per_token * 96
     fake_free = lambda: 40 * per_seq  # noqa: E731
     quarter = EngineConfig(gpu_memory_utilization=0.25)

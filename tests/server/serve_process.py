@@ -1,7 +1,8 @@
 """Run a server in this process for tests that need a real process (signals, sys.modules).
 
     python tests/server/serve_process.py --fake [--delay S] [--grace S]
-    python tests/server/serve_process.py --repo DIR [--models a,b]
+    python tests/server/serve_process.py --repo DIR [--models a,b] [--max-num-seqs N]
+        [--kv-cache-bytes B] [--no-prefix-caching]
     python tests/server/serve_process.py --fake --without grpc_health,grpc_reflection
 
 Prints one JSON line once the port accepts connections: the ports and whether torch is loaded.
@@ -46,6 +47,9 @@ def main() -> int:
     parser.add_argument("--models")
     parser.add_argument("--grace", type=float, default=5.0)
     parser.add_argument("--auth-token-file", type=Path)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--kv-cache-bytes", type=int)
+    parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--without", default="", help="packages to hide, as if not installed")
     parser.add_argument("--version-policy", default="latest:1")
     args = parser.parse_args()
@@ -76,6 +80,9 @@ def main() -> int:
             grace=args.grace,
             auth_token_file=args.auth_token_file,
             version_policy=args.version_policy,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_bytes=args.kv_cache_bytes,
+            prefix_caching=not args.no_prefix_caching,
             log_level="WARNING",
         )
     return 0

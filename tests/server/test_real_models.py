@@ -186,6 +186,43 @@ def test_cancelling_hundreds_of_real_streams_empties_the_kv_pool(server):
     assert _metric(server, "engine_kv_blocks_free", "lm") > 0
 
 
+def test_a_server_out_of_kv_memory_preempts_recomputes_and_reports_it(repo):
+    """Through `engine serve`: 8 streams that outgrow a 2-context KV budget all finish, with
+    the tokens the runtime gives without memory pressure; preemptions and prefix-cache hits
+    (the recomputes find their own blocks) are on /metrics."""
+    from engine.runtime import Engine, EngineConfig, SamplingParams
+
+    prompts = [f"def handler_{i}(request):\n    return " for i in range(8)]
+    engine = Engine.from_repository(repo, "lm", config=EngineConfig(max_num_seqs=8))
+    params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
+    expected = [o.token_ids for o in engine.generate_all(prompts, params)]
+    per_block = engine.kv_stats().bytes_per_block
+    assert engine.kv_stats().preemptions == 0
+    engine.close()
+    budget = str(2 * (128 // 16) * per_block)  # two full contexts: 16 blocks for 8 x ~7
+    proc = ServerProcess("--repo", str(repo), "--max-num-seqs", "8", "--kv-cache-bytes", budget)
+    try:
+        request = lambda p: pb.GenerateRequest(  # noqa: E731
+            model="lm",
+            prompt=p,
+            params=pb.SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True),
+        )
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = engine_pb2_grpc.EngineServiceStub(channel)
+            calls = [stub.Generate(request(p), timeout=300) for p in prompts]
+            got = [[t for chunk in call for t in chunk.token_ids] for call in calls]
+        assert got == expected
+        assert _metric(proc, "engine_preemptions_total", "lm") > 0
+        assert _metric(proc, "engine_prefix_cache_hits_total", "lm") > 0
+        queries = _metric(proc, "engine_prefix_cache_queries_total", "lm")
+        assert queries >= sum(len(engine.encode(p)) for p in prompts)
+        assert _metric(proc, "engine_kv_blocks_used", "lm") == 0
+        assert _metric(proc, "engine_sequences_running", "lm") == 0
+    finally:
+        assert proc.terminate() == 0, proc.stderr()[-2000:]
+        proc.kill()
+
+
 def test_sample_images_from_the_real_gan(server):
     with EngineClient(server.target) as client:
         if "gan" not in {m.name for m in client.models()}:

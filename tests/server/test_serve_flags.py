@@ -35,6 +35,7 @@ def test_defaults_give_16_sequences_an_automatic_kv_budget_spinning_and_batching
 ):
     seen = _serve_with(monkeypatch, tmp_path)
     assert seen["config"].max_num_seqs == 16 and seen["config"].kv_cache_bytes is None
+    assert seen["config"].enable_prefix_caching is True
     assert seen["spin"] is True and seen["batcher"] is None
     assert seen["shared_pool"] == os.cpu_count()  # one intra-op pool for every model
 
@@ -53,8 +54,10 @@ def test_flags_set_the_kv_budget_sequences_spinning_and_batching(monkeypatch, tm
         "--no-dynamic-batching",
         "--max-queue-delay-ms", "5",
         "--threads", "1",
+        "--no-prefix-caching",
     )  # fmt: skip
     assert seen["config"].max_num_seqs == 32 and seen["config"].kv_cache_bytes == 1 << 20
+    assert seen["config"].enable_prefix_caching is False
     assert seen["spin"] is False and seen["threads"] == 1
     assert seen["shared_pool"] is None  # the shared pool spins: not without spinning
     assert seen["batcher"].max_batch_size == 1

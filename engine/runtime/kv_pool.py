@@ -1,0 +1,57 @@
+"""Where a runner keeps keys and values: one pool of blocks per graph KV tensor.
+
+The pool is the KV cache's memory, sized once from the byte budget (``num_blocks`` blocks of
+``block_size`` tokens) and never reallocated. Block ids come from the KV-cache manager, which
+knows nothing of this layout. This host implementation is numpy arrays that the graph reads in
+place (onnxruntime binds them without a copy); a device implementation keeps the same five
+operations over device buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.runtime.kv_cache import BlockCopy
+
+
+class HostKVPool:
+    """``num_tensors`` pools of ``num_blocks`` blocks, each (heads, block_size, head_dim)."""
+
+    def __init__(
+        self,
+        num_tensors: int,
+        num_blocks: int,
+        num_heads: int,
+        block_size: int,
+        head_dim: int,
+        dtype: np.dtype | str = np.float32,
+    ):
+        self.block_size = block_size
+        # One array for every tensor (row j is the graph's j-th KV pair), so a step writes all
+        # new keys/values with one indexed assignment.
+        shape = (num_tensors, num_blocks, num_heads, block_size, head_dim)
+        self.blocks = np.zeros(shape, np.dtype(dtype))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole pool (the KV budget)."""
+        return self.blocks.nbytes
+
+    def view(self, tensor: int, count: int) -> np.ndarray:
+        """Blocks ``[0, count)`` of one tensor, (count, H, bs, D): what a decode step reads."""
+        return self.blocks[tensor, :count]
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """A copy of the given blocks of every tensor, (K, len(ids), H, bs, D)."""
+        return self.blocks[:, ids]
+
+    def write(self, blocks: np.ndarray, offsets: np.ndarray, new: np.ndarray) -> None:
+        """Store token keys/values ``new`` (n, K, H, D) at ``offsets`` within ``blocks``."""
+        self.blocks[:, blocks, :, offsets, :] = new  # advanced indices first: (n, K, H, D)
+
+    def copy(self, copies: Sequence[BlockCopy]) -> None:
+        """Apply block copies in order (a later copy may read what an earlier one wrote)."""
+        for c in copies:
+            self.blocks[:, c.dst] = self.blocks[:, c.src]
