@@ -242,6 +242,8 @@ def table(report: dict[str, Any]) -> Table:
         for name in ("TTFT", "TPOT", "ITL", "E2E"):
             t.add_column(f"{name} p50/p99", justify="right")
         t.add_column("KV mean/max", justify="right")
+        t.add_column("seqs mean/max", justify="right")
+        t.add_column("prefix hit", justify="right")
         t.add_column("same tokens", justify="right")
     else:
         t.add_column("E2E mean/p50/p90/p99", justify="right")
@@ -263,6 +265,10 @@ def table(report: dict[str, Any]) -> Table:
             row += [_ms(s[k], "p50", "p99") for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")]
             kv = [server.get("kv_usage_mean"), server.get("kv_usage_max")]
             row.append("-" if kv[0] is None else f"{kv[0]:.0%}/{kv[1]:.0%}")
+            seqs = server.get("running_mean"), server.get("running_max")
+            row.append("-" if seqs[0] is None else f"{seqs[0]:.1f}/{seqs[1]}")
+            queries = server.get("prefix_queries") or 0
+            row.append(f"{server.get('prefix_hits', 0) / queries:.0%}" if queries else "-")
             same = run.get("same_tokens") or {}
             prefix = same.get("identical_prefix")
             text = f"{same.get('identical')}/{same.get('compared')}"

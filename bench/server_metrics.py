@@ -1,8 +1,9 @@
 """Server-side load during a run, read from the server's Prometheus endpoint.
 
-KV usage is a gauge, so it is sampled in a background thread while the run goes (mean and
-peak of used / (used + free) blocks; only samples taken during the run count, so a run
-shorter than one poll interval has none). The batch size comes from counters read before and after:
+KV usage and the sequences running are gauges, so they are sampled in a background thread while
+the run goes (mean and peak of used / (used + free) blocks, and of sequences decoded together;
+only samples taken during the run count, so a run shorter than one poll interval has none).
+Prefix-cache hits and preemptions are counters, read before and after; so is the batch size:
 generated tokens per engine step for a language model (each step decodes one token for every
 running request), rows per backend call of the dynamic batcher for the other models.
 """
@@ -42,6 +43,11 @@ class ServerLoad:
     batch_size_mean: float | None  # tokens per step (generate) or rows per call (batched)
     steps: int  # engine steps (generate) or backend calls (batched) in the run
     samples: int  # KV samples taken during the run
+    running_mean: float | None = None  # sequences the scheduler ran at once, over the samples
+    running_max: int | None = None
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache during the run
+    prefix_hits: int = 0  # ... found there
+    preemptions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -57,6 +63,7 @@ class MetricsWatcher:
         self._thread: threading.Thread | None = None
         self._first: dict[str, float] | None = None
         self._kv: list[tuple[float, float]] = []  # (used, free) per sample
+        self._running: list[float] = []
         self.error: str | None = None
 
     def _read(self) -> dict[str, float] | None:
@@ -73,6 +80,8 @@ class MetricsWatcher:
                 return
             if values and "engine_kv_blocks_used" in values:
                 self._kv.append((values["engine_kv_blocks_used"], values["engine_kv_blocks_free"]))
+            if values and "engine_sequences_running" in values:
+                self._running.append(values["engine_sequences_running"])
 
     def start(self) -> MetricsWatcher:
         """Read the counters and start sampling."""
@@ -89,11 +98,14 @@ class MetricsWatcher:
         last = self._read()
         if self._first is None or last is None:
             return None
-        return load_between(self._first, last, self._kv)
+        return load_between(self._first, last, self._kv, self._running)
 
 
 def load_between(
-    first: dict[str, float], last: dict[str, float], kv: list[tuple[float, float]]
+    first: dict[str, float],
+    last: dict[str, float],
+    kv: list[tuple[float, float]],
+    running: list[float] | None = None,
 ) -> ServerLoad:
     """The load from two scrapes and the KV samples taken between them."""
 
@@ -109,6 +121,7 @@ def load_between(
     else:  # the dynamic batcher: rows per backend call
         steps = delta("engine_batch_size_count")
         tokens = delta("engine_batch_size_sum")
+    running = running or []
     return ServerLoad(
         kv_usage_mean=sum(usage) / len(usage) if usage else None,
         kv_usage_max=max(usage) if usage else None,
@@ -116,4 +129,9 @@ def load_between(
         batch_size_mean=tokens / steps if steps > 0 else None,
         steps=int(steps),
         samples=len(kv),
+        running_mean=sum(running) / len(running) if running else None,
+        running_max=int(max(running)) if running else None,
+        prefix_queries=int(delta("engine_prefix_cache_queries_total")),
+        prefix_hits=int(delta("engine_prefix_cache_hits_total")),
+        preemptions=int(delta("engine_preemptions_total")),
     )
