@@ -173,8 +173,9 @@ class Architecture(ABC):
     def export_variants(self, config: Any) -> tuple[str, ...]:
         """Names of the graphs one export writes; the first is the main one (``model.onnx``).
 
-        The decoder LM adds ``kv_inplace``: a graph that reads a preallocated cache and returns
-        only the new tokens' keys/values, so the runtime never copies the cache.
+        The decoder LM adds ``kv_inplace``: a graph that reads the runtime's paged KV pool in
+        place through block tables and returns only the new tokens' keys/values, so the
+        runtime never copies the cache.
         """
         return ("default",)
 
