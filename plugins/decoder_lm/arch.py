@@ -284,9 +284,9 @@ class DecoderLM(Architecture):
         kv = {}
         for i in range(config.n_layer):
             for part in ("key", "value"):
-                kv[f"past_key_values.{i}.{part}"] = rng.standard_normal(
-                    (batch, H, past, D)
-                ).astype(np.float32)
+                kv[f"past_key_values.{i}.{part}"] = rng.standard_normal((batch, H, past, D)).astype(
+                    np.float32
+                )
         return {**ids, "attention_mask": np.concatenate([cache_mask, new_mask], 1), **kv}
 
     def serving_metadata(self, config: DecoderLMConfig, ckpt_dir: Path) -> dict[str, Any]:
