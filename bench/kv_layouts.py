@@ -173,14 +173,17 @@ def main() -> None:
     ap.add_argument("--candidates", default="dense,gather,gather-blockwise,paged")
     ap.add_argument("--reps", type=int, default=200, help="decode steps per case and candidate")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, help="keep the graphs here (reused when present)")
     args = ap.parse_args()
     import onnxruntime as ort
 
     names = args.candidates.split(",")
-    work = Path(tempfile.mkdtemp(prefix="kv-layouts-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="kv-layouts-"))
+    work.mkdir(parents=True, exist_ok=True)
     sessions = {}
     for name in names:
-        build(name, work / f"{name}.onnx")
+        if not (work / f"{name}.onnx").exists():
+            build(name, work / f"{name}.onnx")
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
         so.log_severity_level = 3

@@ -249,9 +249,10 @@ class ModelRunner(SlotRunner):
         bs = self.block_size
         arange = np.arange(S, dtype=np.int64)
         new_mask = (arange[None, :] < lens[:, None]).astype(np.int64)
+        positions = np.where(new_mask == 1, cached[:, None] + arange[None, :], 0)  # pads: 0
         feeds = {
             "input_ids": ids,
-            "position_ids": cached[:, None] + arange[None, :],
+            "position_ids": positions,
             "new_mask": new_mask,
             "cache_lens": cached,
             **self._prefill_cache(slots, cached // bs),

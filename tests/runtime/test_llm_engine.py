@@ -347,3 +347,23 @@ def test_a_version_exported_before_the_paged_cache_asks_to_be_re_exported():
     }
     with pytest.raises(ModelSignatureError, match="re-export"):
         InplaceGraph.from_manifest(old)
+
+
+def test_a_prefill_mixing_a_cached_prompt_and_a_long_fresh_one_stays_in_the_context(lm_repo):
+    """The padding of a row with a long cached prefix must not get positions past the context."""
+    rng = np.random.default_rng(3)
+    prefix = rng.integers(4, 8000, 64).tolist()
+    cached_then_short = prefix + [11, 12]  # 64 tokens cached, 2 to compute
+    long_fresh = rng.integers(4, 8000, 85).tolist()  # 85 to compute, in the same step
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for caching in (True, False):
+        config = EngineConfig(max_num_seqs=4, enable_prefix_caching=caching)
+        engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=config)
+        engine.generate_all([prefix + [5]], params)  # caches the prefix
+        outs[caching] = [
+            o.token_ids for o in engine.generate_all([cached_then_short, long_fresh], params)
+        ]
+        if caching:
+            assert engine.kv_stats().prefix_hits == 64
+    assert outs[True] == outs[False]
