@@ -14,7 +14,7 @@ random weights) exported with the dynamo exporter and run by onnxruntime on the 
 
 Every candidate gets the same cache contents and must give the same logits as ``dense``. Time is
 process CPU time per step with one intra-op thread (less sensitive to other jobs on a shared
-host than wall time), median of interleaved rounds.
+host than wall time), median of many short interleaved rounds.
 
     python bench/kv_layouts.py [--reps 200] [--candidates dense,gather,paged]
 """
@@ -33,6 +33,7 @@ import numpy as np
 
 BS = 16  # tokens per block
 CASES = ((1, 96), (16, 64), (16, 112), (16, 160))  # (batch, cached tokens per row)
+STEPS_PER_ROUND = 10
 
 
 def build(candidate: str, path: Path, context: int = 192) -> None:
@@ -189,7 +190,10 @@ def main() -> None:
         so.log_severity_level = 3
         sessions[name] = ort.InferenceSession(str(work / f"{name}.onnx"), so)
     print(f"# load avg {os.getloadavg()[0]:.1f}; CPU ms per decode step, {args.threads} thread(s)")
-    print(f"# median (min-max) of 5 interleaved rounds of {args.reps // 5} steps; x = / dense")
+    rounds = args.reps // STEPS_PER_ROUND
+    print(
+        f"# median (min-max) of {rounds} interleaved rounds of {STEPS_PER_ROUND} steps; x = / dense"
+    )
     wanted = {n: {i.name for i in s.get_inputs()} for n, s in sessions.items()}
     for batch, cached in CASES:
         same = {}
@@ -201,12 +205,12 @@ def main() -> None:
             diff = float(np.abs(sessions[n].run(None, same[n])[0] - ref).max())
             assert diff < 1e-3, f"{n} disagrees with {names[0]}: {diff}"
         times: dict[str, list[float]] = {n: [] for n in names}
-        for _ in range(5):
+        for _ in range(args.reps // STEPS_PER_ROUND):  # fine-grained: drift hits all alike
             for n in names:
                 t0 = time.process_time()
-                for _ in range(args.reps // 5):
+                for _ in range(STEPS_PER_ROUND):
                     sessions[n].run(None, same[n])
-                times[n].append((time.process_time() - t0) / (args.reps // 5) * 1e3)
+                times[n].append((time.process_time() - t0) / STEPS_PER_ROUND * 1e3)
         base = statistics.median(times[names[0]])
         cells = [
             f"{n} {statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f}) "
