@@ -241,15 +241,13 @@ def table(report: dict[str, Any]) -> Table:
         t.add_column("tok/s", justify="right")
         for name in ("TTFT", "TPOT", "ITL", "E2E"):
             t.add_column(f"{name} p50/p99", justify="right")
-        t.add_column("KV mean/max", justify="right")
-        t.add_column("seqs mean/max", justify="right")
-        t.add_column("prefix hit", justify="right")
+        t.add_column("KV % | seqs | hit", justify="right")  # mean/max, mean/max, prefix
         t.add_column("same tokens", justify="right")
     else:
         t.add_column("E2E mean/p50/p90/p99", justify="right")
     t.add_column("batch", justify="right")
     if generate:
-        t.add_column("goodput req/s", justify="right")
+        t.add_column("goodput", justify="right")
     t.add_column("CPU client/server", justify="right")
     for run in report["runs"]:
         s, server = run["stats"], run.get("server") or {}
@@ -263,12 +261,7 @@ def table(report: dict[str, Any]) -> Table:
         if generate:
             row.append(f"{s['output_throughput']:,.0f}")
             row += [_ms(s[k], "p50", "p99") for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")]
-            kv = [server.get("kv_usage_mean"), server.get("kv_usage_max")]
-            row.append("-" if kv[0] is None else f"{kv[0]:.0%}/{kv[1]:.0%}")
-            seqs = server.get("running_mean"), server.get("running_max")
-            row.append("-" if seqs[0] is None else f"{seqs[0]:.1f}/{seqs[1]}")
-            queries = server.get("prefix_queries") or 0
-            row.append(f"{server.get('prefix_hits', 0) / queries:.0%}" if queries else "-")
+            row.append(_server_kv(server))
             same = run.get("same_tokens") or {}
             prefix = same.get("identical_prefix")
             text = f"{same.get('identical')}/{same.get('compared')}"
@@ -287,6 +280,19 @@ def table(report: dict[str, Any]) -> Table:
         row.append("/".join("-" if v is None else f"{v:.0%}" for v in shares))
         t.add_row(*row)
     return t
+
+
+def _server_kv(server: dict[str, Any]) -> str:
+    """KV use mean/max (%), sequences running mean/max and the prefix-cache hit rate."""
+    kv = [server.get("kv_usage_mean"), server.get("kv_usage_max")]
+    if kv[0] is None:
+        return "-"
+    seqs = server.get("running_mean"), server.get("running_max")
+    queries = server.get("prefix_queries") or 0
+    parts = [f"{100 * kv[0]:.0f}/{100 * kv[1]:.0f}"]
+    parts.append("-" if seqs[0] is None else f"{seqs[0]:.1f}/{seqs[1]}")
+    parts.append(f"{server.get('prefix_hits', 0) / queries:.0%}" if queries else "-")
+    return " | ".join(parts)
 
 
 def skipped_lines(report: dict[str, Any]) -> list[str]:
