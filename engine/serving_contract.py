@@ -6,7 +6,9 @@ version fails with one line instead of a KeyError). docs/plugins.md shows the sa
 
 generate        serving: context_length, vocab_size (int); optional eos_token_id, pad_token_id,
                 tokenizer (file, default tokenizer.json). Graph ``kv_inplace`` with inputs
-                input_ids, position_ids, cache_mask, new_mask and the cache.
+                input_ids, position_ids, new_mask, cache_lens, block_table, block_owner,
+                block_index and the cache pools (the paged KV cache; one with a cache_mask
+                input predates it and must be re-exported).
 classify, text  serving: labels (list of str), tokenizer (file), max_length, pad_token_id (int);
                 optional cls_token_id. Main graph inputs input_ids and attention_mask
                 (int64, (batch, sequence)), first output the logits (batch, len(labels)).
@@ -25,6 +27,16 @@ from typing import Any
 from engine.repository import Manifest, RepositoryError
 
 TASKS = ("generate", "classify", "sample_images")
+# the paged kv_inplace graph's inputs besides the cache pools (engine/runtime/model_runner.py)
+KV_INPUTS = (
+    "input_ids",
+    "position_ids",
+    "new_mask",
+    "cache_lens",
+    "block_table",
+    "block_owner",
+    "block_index",
+)
 DOCS = "docs/plugins.md#the-serving-contract"
 
 
@@ -79,7 +91,12 @@ def check_serving(manifest: Manifest, where: str, root: Path | None = None) -> N
         _need(serving, "vocab_size", int, what)
         files.append(serving.get("tokenizer", "tokenizer.json"))
         inputs = _graph_inputs(manifest, "kv_inplace", what)
-        _need_inputs(inputs, ("input_ids", "position_ids", "cache_mask", "new_mask"), what, "kv")
+        if "cache_mask" in inputs and "block_table" not in inputs:
+            raise ServingContractError(
+                f"{what}: its kv_inplace graph reads one contiguous cache row per sequence, from"
+                " before the paged KV cache; re-export it (engine export CHECKPOINT --repo REPO)"
+            )
+        _need_inputs(inputs, KV_INPUTS, what, "kv")
     elif task == "classify":
         labels = _need(serving, "labels", list, what)
         if not labels or not all(isinstance(x, str) for x in labels):

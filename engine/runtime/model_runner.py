@@ -30,16 +30,9 @@ from engine.runtime.kv_pool import HostKVPool
 from engine.runtime.sampler import SamplerOutput
 from engine.runtime.sampling_state import SamplingState
 from engine.runtime.scheduler import SchedulerOutput
+from engine.serving_contract import KV_INPUTS
 
-_TOKEN_INPUTS = (
-    "input_ids",
-    "position_ids",
-    "new_mask",
-    "cache_lens",
-    "block_table",
-    "block_owner",
-    "block_index",
-)
+_TOKEN_INPUTS = KV_INPUTS  # the paged graph's inputs besides the cache pools
 BINDING_BLOCKS = 8  # a decode step binds the pool up to a multiple of this many blocks
 
 

@@ -347,6 +347,16 @@ def test_a_version_exported_before_the_paged_cache_asks_to_be_re_exported():
     }
     with pytest.raises(ModelSignatureError, match="re-export"):
         InplaceGraph.from_manifest(old)
+    # the server's load check (the serving contract) says the same before building a runner
+    from engine.repository import Manifest
+    from engine.serving_contract import ServingContractError, check_serving
+
+    serving = {"context_length": 64, "vocab_size": 8}
+    manifest = Manifest(
+        "lm", 1, "onnx", "generate", "decoder-lm", serving, graphs={"kv_inplace": old}
+    )
+    with pytest.raises(ServingContractError, match="re-export"):
+        check_serving(manifest, "model 'lm' version 1")
 
 
 def test_a_prefill_mixing_a_cached_prompt_and_a_long_fresh_one_stays_in_the_context(lm_repo):

@@ -65,7 +65,8 @@ async def _stream(
                 return "client-cancelled"
         return "NO-FINISH"  # the stream ended without a final message
     except grpc.aio.AioRpcError as exc:
-        return exc.code().name
+        # a status the server chose carries a message; a bare one comes from the transport
+        return exc.code().name if exc.details() else f"{exc.code().name} (no message)"
 
 
 async def _flood(target: str, requests: list, channels: int, cancel_every: int = 0) -> list[str]:

@@ -67,6 +67,10 @@ def _bool(name: str, value: bool):
 
 
 GREEDY = json.dumps({"temperature": "0", "max_tokens": "12", "ignore_eos": True})
+# Long enough that the stream surely sends more than one response: tokens that pile up while
+# the client is slow are merged into one, and 12 tokens of this tiny model can all be
+# generated before the first response goes out.
+GREEDY_LONG = json.dumps({"temperature": "0", "max_tokens": "96", "ignore_eos": True})
 
 
 def test_a_model_with_a_broken_manifest_is_not_ready_and_the_others_serve(server, client, repo):
@@ -130,7 +134,7 @@ def test_triton_llm_tensors_stream_and_end_with_a_final_flag(client):
         inputs = [
             _text("text_input", b"def f(x):"),
             _bool("stream", True),
-            _text("sampling_parameters", GREEDY.encode()),
+            _text("sampling_parameters", GREEDY_LONG.encode()),
         ]
         client.async_stream_infer("lm", inputs, request_id="r1")
         pieces, final = [], False
@@ -146,7 +150,7 @@ def test_triton_llm_tensors_stream_and_end_with_a_final_flag(client):
     assert len(pieces) > 1  # one response per chunk, the last flagged final
     unary = client.infer(
         "lm",
-        [_text("text_input", b"def f(x):"), _text("sampling_parameters", GREEDY.encode())],
+        [_text("text_input", b"def f(x):"), _text("sampling_parameters", GREEDY_LONG.encode())],
     )
     whole = unary.as_numpy("text_output")[0].decode()
     assert whole == "def f(x):" + "".join(pieces)  # the prompt too: exclude_input_in_output false
@@ -154,12 +158,12 @@ def test_triton_llm_tensors_stream_and_end_with_a_final_flag(client):
         "lm",
         [
             _text("text_input", b"def f(x):"),
-            _text("sampling_parameters", GREEDY.encode()),
+            _text("sampling_parameters", GREEDY_LONG.encode()),
             _bool("exclude_input_in_output", True),
         ],
     )
     assert excluded.as_numpy("text_output")[0].decode() == "".join(pieces)
-    assert excluded.as_numpy("completion_tokens")[0] == 12
+    assert excluded.as_numpy("completion_tokens")[0] == 96
 
 
 def test_stream_false_answers_once_and_unknown_sampling_keys_are_refused(client):
