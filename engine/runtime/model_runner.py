@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.runtime.backends import Backend
 from engine.runtime.errors import ModelSignatureError
-from engine.runtime.kv_pool import HostKVPool
+from engine.runtime.kv_pool import DeviceKVPool, HostKVPool
 from engine.runtime.sampler import SamplerOutput
 from engine.runtime.sampling_state import SamplingState
 from engine.runtime.scheduler import SchedulerOutput
@@ -177,11 +177,17 @@ class ModelRunner(SlotRunner):
         self.backend, self.graph = backend, graph
         self.num_slots, self.num_blocks = num_slots, num_blocks
         self.max_model_len = max_model_len
-        self.io_binding = io_binding
+        # A backend on a GPU: the pool, the new keys/values and the empty prefill pool live in
+        # device memory, bound by pointer (so always through an IOBinding).
+        self.device = getattr(backend, "device", None)
+        self.io_binding = io_binding or self.device is not None
         H, D, bs = graph.num_heads, graph.head_dim, graph.block_size
         self.block_size = bs
         K = len(graph.kv)
-        self.pool = HostKVPool(K, num_blocks, H, bs, D, graph.dtype)
+        if self.device is None:
+            self.pool = HostKVPool(K, num_blocks, H, bs, D, graph.dtype)
+        else:
+            self.pool = DeviceKVPool(self.device, K, num_blocks, H, bs, D, graph.dtype)
         width = -(-max_model_len // bs)  # blocks of the longest sequence
         # Block tables: row s lists slot s's blocks; per block, the slot holding it (-1: none)
         # and its place in that slot's table. Written when the manager hands blocks out.
@@ -200,8 +206,9 @@ class ModelRunner(SlotRunner):
         self._index = np.zeros(num_blocks, np.int64)
         self._row_of_slot = np.full(num_slots + 1, -1, np.int64)  # [-1] answers block_slot -1
         self._logits = np.zeros((num_slots, 1, vocab_size), np.float32)
-        self._new = np.zeros((K, num_slots, H, 1, D), np.dtype(graph.dtype))
-        self._no_pool = np.zeros((1, H, bs, D), np.dtype(graph.dtype))
+        zeros = np.zeros if self.device is None else self.device.zeros
+        self._new = zeros((K, num_slots, H, 1, D), np.dtype(graph.dtype))
+        self._no_pool = zeros((1, H, bs, D), np.dtype(graph.dtype))
         self._bound: tuple | None = None  # (key, feeds, outputs) of the last bound decode step
 
     @property
@@ -250,13 +257,25 @@ class ModelRunner(SlotRunner):
             "cache_lens": cached,
             **self._prefill_cache(slots, cached // bs),
         }
-        result = self.backend.run(feeds)
         # the new tokens' keys/values, real ones only, after each row's cached tokens
         rows, cols = np.nonzero(new_mask)
+        if self.device is None:
+            result = self.backend.run(feeds)
+            new = np.stack([result[name] for _, name in self.graph.kv])  # (K, n, H, S, D)
+            picked = new[:, rows, :, cols, :]
+        else:  # the graph writes its new keys/values into device memory; they stay there
+            new = self.device.zeros(
+                (len(self.graph.kv), n, self.graph.num_heads, S, self.graph.head_dim),
+                np.dtype(self.graph.dtype),
+            )
+            outs = {name: new[j] for j, (_, name) in enumerate(self.graph.kv)}
+            outs[self.graph.logits] = np.empty((n, S, self._logits.shape[-1]), np.float32)
+            self.device.synchronize()  # the previous step's scatter is in the pool
+            result = self.backend.run(feeds, outs)
+            picked = new[:, self.pool.index(rows), :, self.pool.index(cols), :]
         pos = cached[rows] + cols
         blocks = self.table[slots[rows], pos // bs]
-        new = np.stack([result[name] for _, name in self.graph.kv])  # (K, n, H, S, D)
-        self.pool.write(blocks, pos % bs, new[:, rows, :, cols, :])
+        self.pool.write(blocks, pos % bs, picked)
         self.length[slots] = cached + lens
         self.steps[slots] = [r.num_output_tokens for r in requests]
         return result[self.graph.logits][np.arange(n), lens - 1]
@@ -312,6 +331,8 @@ class ModelRunner(SlotRunner):
             if self._bound is None or self._bound[0] != key:
                 self._bound = (key, self._feeds(n, nb, P), self._outputs(n))
             _, feeds, outs = self._bound
+            if self.device is not None:
+                self.device.synchronize()  # the previous step's scatter is in the pool
             result = self.backend.run(feeds, outs, binding_key=key)
             new = self._new[:, :n]
         else:
