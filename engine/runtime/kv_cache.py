@@ -161,6 +161,15 @@ class KVCacheManager:
         enable_prefix_caching: bool = True,
     ) -> KVCacheManager:
         """Size the pool from a byte budget, capped at ``max_blocks``; raise if no block fits."""
+        num_blocks = cls.blocks_in_budget(kv_cache_bytes, spec, block_size)
+        if max_blocks is not None:
+            num_blocks = min(num_blocks, max_blocks)
+        per_block = spec.bytes_per_token * block_size
+        return cls(num_blocks, block_size, per_block, enable_prefix_caching)
+
+    @staticmethod
+    def blocks_in_budget(kv_cache_bytes: int, spec: KVCacheSpec, block_size: int) -> int:
+        """Blocks of ``block_size`` tokens that ``kv_cache_bytes`` holds; raise if none."""
         per_block = spec.bytes_per_token * block_size
         num_blocks = kv_cache_bytes // per_block
         if num_blocks < 1:
@@ -168,9 +177,7 @@ class KVCacheManager:
                 f"kv_cache_bytes={kv_cache_bytes} holds no block of {block_size} tokens "
                 f"({per_block} bytes); raise it to at least {per_block}"
             )
-        if max_blocks is not None:
-            num_blocks = min(num_blocks, max_blocks)
-        return cls(num_blocks, block_size, per_block, enable_prefix_caching)
+        return num_blocks
 
     # -- queries ------------------------------------------------------------------------------
     def blocks_needed(self, num_tokens: int) -> int:

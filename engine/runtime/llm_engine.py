@@ -122,17 +122,20 @@ class LLMEngine:
         # Blocks of block_size tokens: a sequence holds what its tokens need. More blocks than
         # max_num_seqs full contexts could never be used at once, so the pool stops there.
         per_seq = -(-max_len // factory.block_size)
-        kv = KVCacheManager.from_budget(
-            budget,
-            spec,
-            factory.block_size,
-            max_blocks=per_seq * config.max_num_seqs,
-            enable_prefix_caching=config.enable_prefix_caching,
+        num_blocks = min(
+            KVCacheManager.blocks_in_budget(budget, spec, factory.block_size),
+            per_seq * config.max_num_seqs,
         )
         slots = config.max_num_seqs
         if not factory.paged:  # whole-context rows: the budget buys rows, prefixes not cached
-            slots = max(1, min(slots, kv.num_blocks // per_seq))
-            kv = KVCacheManager(slots * per_seq, factory.block_size, kv.bytes_per_block, False)
+            slots = max(1, min(slots, num_blocks // per_seq))
+            num_blocks = slots * per_seq
+        kv = KVCacheManager(
+            num_blocks,
+            factory.block_size,
+            spec.bytes_per_token * factory.block_size,
+            enable_prefix_caching=config.enable_prefix_caching and factory.paged,
+        )
         sched_config = SchedulerConfig(
             max_num_seqs=slots,
             max_num_batched_tokens=config.max_num_batched_tokens or max(max_len, 2048),
