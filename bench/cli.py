@@ -13,9 +13,10 @@ from typing import Annotated
 
 import typer
 
+from engine.cli_help import App
 from engine.errors import EngineError
 
-bench_app = typer.Typer(
+bench_app = App(
     no_args_is_help=True,
     help="Load-test a served model over gRPC against in-process baselines; compare reports.",
 )

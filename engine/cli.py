@@ -14,10 +14,11 @@ from rich.table import Table
 
 from engine import cli_runtime
 from engine import sampling_defaults as defaults
+from engine.cli_help import App
 from engine.errors import EngineError
 from engine.extras import needs
 
-app = typer.Typer(
+app = App(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -349,7 +350,7 @@ def _mount_bench() -> None:
 
 _mount_bench()
 
-client_app = typer.Typer(no_args_is_help=True, help="Call a running `engine serve`.")
+client_app = App(no_args_is_help=True, help="Call a running `engine serve`.")
 app.add_typer(client_app, name="client")
 TargetOpt = Annotated[str, typer.Option(help="Server address host:port.")]
 TokenOpt = Annotated[
@@ -466,7 +467,9 @@ def client_sample_images_cmd(
     model: str,
     digits: list[int],
     seed: Annotated[int | None, typer.Option()] = None,
-    out_dir: Annotated[Path, typer.Option(help="Where the PNGs go.")] = Path("."),
+    out_dir: Annotated[
+        Path, typer.Option(help="Where the PNGs go [current directory].", show_default=False)
+    ] = Path("."),
     target: TargetOpt = "127.0.0.1:50051",
     token: TokenOpt = None,
     auth_token_file: TokenFileOpt = None,
