@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -42,6 +43,31 @@ FP16_KEEP_FP32 = (
     "CumSum",
     "Range",
 )
+
+
+# Loggers whose records during an export are torch's own business (e.g. "torchvision is not
+# installed. Skipping torchvision::nms", eight lines per graph): the stage display is ours.
+TORCH_EXPORT_LOGGERS = (
+    "torch.onnx",
+    "torch.export",
+    "torch._export",
+    "torch._dynamo",
+    "onnxscript",
+)
+
+
+@contextlib.contextmanager
+def quiet_exporter_logs():
+    """Silence torch's and onnxscript's own log lines while a graph is traced, then restore."""
+    loggers = [logging.getLogger(name) for name in TORCH_EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _short(exc: BaseException, limit: int = 400) -> str:
@@ -164,7 +190,11 @@ def trace(
             continue
         try:
             # the exporters print progress and warnings of their own; ours is the display
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(io.StringIO()),
+                quiet_exporter_logs(),
+            ):
                 warnings.simplefilter("ignore")
                 with torch.no_grad():
                     fn(module, args, signature, path, opset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -221,3 +222,15 @@ def test_cli_export_prints_the_version_directory(tiny_ckpt, tmp_path):
     assert "cli-model/1" in result.stdout.replace("\n", "")
     manifest = json.loads((repo / "cli-model" / "1" / "manifest.json").read_text())
     assert manifest["name"] == "cli-model" and manifest["export_options"]["max_batch"] == 16
+
+
+def test_cli_export_prints_only_its_own_lines(tiny_ckpt, tmp_path):
+    """The dynamo exporter's own log lines (``W1130 ... torchvision is not installed``) stay out."""
+    env = {"ENGINE_PLUGINS": "tests.exporters.tiny_arch", EXPORTER_ENV: "dynamo"}
+    result = run_cli("export", str(tiny_ckpt), "--repo", str(tmp_path / "repo"), env=env)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(next((tmp_path / "repo").glob("*/1/manifest.json")).read_text())
+    assert manifest["graphs"]["default"]["exporter"] == "dynamo"
+    output = result.stdout + result.stderr
+    assert not re.search(r"^[IWEF]\d{4} ", output, re.M), output  # torch's glog-style lines
+    assert "torchvision" not in output and "Warning" not in output, output
