@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -304,6 +307,9 @@ def serve_cmd(
     ray_address: Annotated[
         str | None, typer.Option(help="With --ray: a cluster to join [start a local one].")
     ] = None,
+    log_file: Annotated[
+        Path | None, typer.Option(help="Append the JSON log to this file [stderr].")
+    ] = None,
 ) -> None:
     """Serve every model of a repository over gRPC (engine.v1 + KServe v2) until SIGTERM."""
     from engine.server.cli_commands import serve
@@ -338,6 +344,7 @@ def serve_cmd(
         ray=ray,
         replicas=replicas,
         ray_address=ray_address,
+        log_file=log_file,
     )
 
 
@@ -352,16 +359,58 @@ _mount_bench()
 
 client_app = App(no_args_is_help=True, help="Call a running `engine serve`.")
 app.add_typer(client_app, name="client")
-TargetOpt = Annotated[str, typer.Option(help="Server address host:port.")]
-TokenOpt = Annotated[
-    str | None, typer.Option(envvar="ENGINE_AUTH_TOKEN", help="Bearer token.", show_default=False)
-]
-TokenFileOpt = Annotated[
-    Path | None, typer.Option("--auth-token-file", help="File with the token.")
-]
-TlsOpt = Annotated[bool, typer.Option(help="Use TLS.")]
-TlsCaOpt = Annotated[Path | None, typer.Option(help="CA certificate to trust (PEM).")]
-TimeoutOpt = Annotated[float | None, typer.Option(help="Deadline in seconds.")]
+
+# How every client command reaches its server: declared once, added to each command's options
+# by @connection_options and handed to it as one Connection.
+CONNECTION_OPTIONS = (
+    ("target", Annotated[str, typer.Option(help="Server address host:port.")], "127.0.0.1:50051"),
+    (
+        "token",
+        Annotated[
+            str | None,
+            typer.Option(envvar="ENGINE_AUTH_TOKEN", help="Bearer token.", show_default=False),
+        ],
+        None,
+    ),
+    (
+        "auth_token_file",
+        Annotated[Path | None, typer.Option("--auth-token-file", help="File with the token.")],
+        None,
+    ),
+    ("tls", Annotated[bool, typer.Option(help="Use TLS.")], False),
+    ("tls_ca", Annotated[Path | None, typer.Option(help="CA certificate to trust (PEM).")], None),
+    ("timeout", Annotated[float | None, typer.Option(help="Deadline in seconds.")], None),
+    (
+        "wait",
+        Annotated[
+            float,
+            typer.Option(min=0.0, help="Wait up to this many seconds for the server to come up."),
+        ],
+        0.0,
+    ),
+)
+
+
+def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command(..., conn)`` the options of :data:`CONNECTION_OPTIONS` instead of ``conn``."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "conn"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+        for name, kind, default in CONNECTION_OPTIONS
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from engine.server.cli_commands import Connection
+
+        values = {name: kwargs.pop(name) for name, _, _ in CONNECTION_OPTIONS}
+        values["token_file"] = values.pop("auth_token_file")
+        return command(*args, conn=Connection(**values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *added])
+    wrapper.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+    return wrapper
 
 
 def _server_default(what: str, value: object = None) -> str:
@@ -370,6 +419,7 @@ def _server_default(what: str, value: object = None) -> str:
 
 
 @client_app.command("generate")
+@connection_options
 def client_generate_cmd(
     model: str,
     prompt: str,
@@ -411,18 +461,14 @@ def client_generate_cmd(
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Generate past end-of-text.")
     ] = False,
-    target: TargetOpt = "127.0.0.1:50051",
-    token: TokenOpt = None,
-    auth_token_file: TokenFileOpt = None,
-    tls: TlsOpt = False,
-    tls_ca: TlsCaOpt = None,
-    timeout: TimeoutOpt = None,
+    *,
+    conn: Any,
 ) -> None:
     """Stream a completion from a served language model to the terminal."""
-    from engine.server.cli_commands import Connection, client_generate
+    from engine.server.cli_commands import client_generate
 
     client_generate(
-        Connection(target, token, auth_token_file, tls, tls_ca, timeout),
+        conn,
         model,
         prompt,
         max_tokens=max_tokens,
@@ -442,27 +488,16 @@ def client_generate_cmd(
 
 
 @client_app.command("classify")
-def client_classify_cmd(
-    model: str,
-    texts: list[str],
-    target: TargetOpt = "127.0.0.1:50051",
-    token: TokenOpt = None,
-    auth_token_file: TokenFileOpt = None,
-    tls: TlsOpt = False,
-    tls_ca: TlsCaOpt = None,
-    timeout: TimeoutOpt = None,
-) -> None:
+@connection_options
+def client_classify_cmd(model: str, texts: list[str], *, conn: Any) -> None:
     """Classify texts with a served classifier; prints label, probability, text."""
-    from engine.server.cli_commands import Connection, client_classify
+    from engine.server.cli_commands import client_classify
 
-    client_classify(
-        Connection(target, token, auth_token_file, tls, tls_ca, timeout),
-        model,
-        texts,
-    )
+    client_classify(conn, model, texts)
 
 
 @client_app.command("sample-images")
+@connection_options
 def client_sample_images_cmd(
     model: str,
     digits: list[int],
@@ -470,38 +505,22 @@ def client_sample_images_cmd(
     out_dir: Annotated[
         Path, typer.Option(help="Where the PNGs go [current directory].", show_default=False)
     ] = Path("."),
-    target: TargetOpt = "127.0.0.1:50051",
-    token: TokenOpt = None,
-    auth_token_file: TokenFileOpt = None,
-    tls: TlsOpt = False,
-    tls_ca: TlsCaOpt = None,
-    timeout: TimeoutOpt = None,
+    *,
+    conn: Any,
 ) -> None:
     """Generate digit images with a served GAN and write one PNG per digit."""
-    from engine.server.cli_commands import Connection, client_sample_images
+    from engine.server.cli_commands import client_sample_images
 
-    client_sample_images(
-        Connection(target, token, auth_token_file, tls, tls_ca, timeout),
-        model,
-        digits,
-        seed=seed,
-        out_dir=out_dir,
-    )
+    client_sample_images(conn, model, digits, seed=seed, out_dir=out_dir)
 
 
 @client_app.command("models")
-def client_models_cmd(
-    target: TargetOpt = "127.0.0.1:50051",
-    token: TokenOpt = None,
-    auth_token_file: TokenFileOpt = None,
-    tls: TlsOpt = False,
-    tls_ca: TlsCaOpt = None,
-    timeout: TimeoutOpt = None,
-) -> None:
+@connection_options
+def client_models_cmd(*, conn: Any) -> None:
     """List the models a server serves."""
-    from engine.server.cli_commands import Connection, client_models
+    from engine.server.cli_commands import client_models
 
-    client_models(Connection(target, token, auth_token_file, tls, tls_ca, timeout))
+    client_models(conn)
 
 
 def main(argv: list[str] | None = None) -> int:

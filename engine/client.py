@@ -106,6 +106,17 @@ class EngineClient:
         """Close the channel."""
         self.channel.close()
 
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the server accepts connections (it binds once its models are loaded).
+
+        Raises ClientError(UNAVAILABLE) after ``timeout`` seconds.
+        """
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            detail = f"no server at {self.target} after waiting {timeout:g} s"
+            raise ClientError(grpc.StatusCode.UNAVAILABLE, detail) from None
+
     def _call(self, method: str, request: Any) -> Any:
         try:
             return getattr(self.stub, method)(

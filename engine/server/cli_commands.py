@@ -57,8 +57,12 @@ def serve(
     ray: bool = False,
     replicas: int = 1,
     ray_address: str | None = None,
+    log_file: Path | None = None,
 ) -> None:
     """Serve every model of ``repo`` (or the comma-separated ``models``) until SIGTERM/SIGINT.
+
+    The JSON log goes to stderr, or is appended to ``log_file`` (so it never interleaves with a
+    client's output in the same terminal).
 
     ``dynamic_batching=False`` runs every classify/sample_images request as its own backend call
     (batch size 1), the baseline dynamic batching is measured against.
@@ -96,7 +100,13 @@ def serve(
         batcher = BatcherConfig(max_batch_size=1, max_queue_delay_ms=0)
     elif max_queue_delay_ms is not None:
         batcher = BatcherConfig(max_queue_delay_ms=max_queue_delay_ms)
-    logs.configure(log_level)
+    log_stream = None
+    if log_file is not None:
+        try:
+            log_stream = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise EngineError(f"cannot open the log file {log_file}: {exc}") from None
+    logs.configure(log_level, log_stream)
 
     if spin and device == "cpu":
         # One intra-op pool for every model: sessions with pools of their own spin against
@@ -155,12 +165,17 @@ def serve(
         )
         await server.run_until_signal()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if log_stream is not None:
+            logs.configure(log_level)  # back to stderr before the file goes
+            log_stream.close()
 
 
 @dataclass(frozen=True)
 class Connection:
-    """How a client command reaches a server: address, credentials, TLS, deadline."""
+    """How a client command reaches a server: address, credentials, TLS, deadline, patience."""
 
     target: str = "127.0.0.1:50051"
     token: str | None = None
@@ -168,15 +183,23 @@ class Connection:
     tls: bool = False
     tls_ca: Path | None = None
     timeout: float | None = None
+    wait: float = 0.0  # seconds to wait for the server to accept connections (0: fail at once)
 
     def open(self):
         """An :class:`engine.client.EngineClient` (a context manager) for this server."""
         from engine.client import EngineClient, read_token
 
         token = read_token(self.token, self.token_file)
-        return EngineClient(
+        client = EngineClient(
             self.target, token=token, tls=self.tls, tls_ca=self.tls_ca, timeout=self.timeout
         )
+        if self.wait > 0:
+            try:
+                client.wait_ready(self.wait)
+            except BaseException:
+                client.close()
+                raise
+        return client
 
 
 def client_generate(

@@ -82,3 +82,43 @@ def test_stopping_a_stream_early_cancels_the_generation():
         assert srv.run(lm.kv_blocks_used) == 0
     finally:
         srv.stop()
+
+
+def test_every_client_command_takes_the_connection_options(server, monkeypatch):
+    """The options are declared once (engine.cli.CONNECTION_OPTIONS) and reach each command."""
+    from typer.testing import CliRunner
+
+    import engine.server.cli_commands as commands
+    from engine.cli import CONNECTION_OPTIONS, app
+
+    seen = []
+    for name in ("client_generate", "client_classify", "client_sample_images", "client_models"):
+        monkeypatch.setattr(commands, name, lambda conn, *a, **k: seen.append(conn))
+    flags = ["--target", server.target, "--token", "t0k", "--tls", "--timeout", "3", "--wait", "2"]
+    for command in (
+        ["generate", "lm", "hi"],
+        ["classify", "clf", "a"],
+        ["sample-images", "gan", "1"],
+        ["models"],
+    ):
+        result = CliRunner().invoke(app, ["client", *command, *flags])
+        assert result.exit_code == 0, result.output
+    expected = Connection(server.target, "t0k", None, True, None, 3.0, 2.0)
+    assert seen == [expected] * 4
+    assert [name for name, _, _ in CONNECTION_OPTIONS] == [
+        "target", "token", "auth_token_file", "tls", "tls_ca", "timeout", "wait"
+    ]  # fmt: skip
+
+
+def test_the_client_commands_print_through_the_cli(server):
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    result = CliRunner().invoke(app, ["client", "models", "--target", server.target, "--wait", "5"])
+    assert result.exit_code == 0, result.output
+    assert sorted(line.split("\t")[0] for line in result.output.splitlines()) == [
+        "clf",
+        "gan",
+        "lm",
+    ]

@@ -240,3 +240,56 @@ def test_sample_images_from_the_real_gan(server):
     np.testing.assert_allclose(
         images.reshape(2, -1), [im.pixels for im in response.images], atol=1e-6
     )
+
+
+def test_quick_start_serve_and_client_keep_their_output_apart(repo, tmp_path):
+    """As the README runs them: server in the background, its log in a file; the client waits."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--repo", str(repo), "--models", "lm",
+         "--port", str(port), "--no-metrics", "--log-file", str(log)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        # started at once: --wait covers the server's start-up (no fixed sleep)
+        client = run_cli(
+            "client", "generate", "lm", "def main(", "--max-tokens", "8", "--temperature", "0",
+            "--target", f"127.0.0.1:{port}", "--wait", "120",
+        )  # fmt: skip
+        assert client.returncode == 0, client.stderr
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        out, err = serve.communicate(timeout=60)
+    assert serve.returncode == 0, err[-2000:]
+    assert client.stdout.endswith("\n") and '"event"' not in client.stdout + client.stderr
+    assert f"serving lm on grpc://127.0.0.1:{port}" in err and '"event"' not in err
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any(e.get("model") == "lm" for e in events), events
+    assert events[-1]["event"] == "server stopped"
+
+
+def test_client_wait_gives_up_with_one_line(tmp_path):
+    import socket
+
+    from tests.conftest import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    result = run_cli("client", "models", "--target", f"127.0.0.1:{port}", "--wait", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: UNAVAILABLE: no server at 127.0.0.1:{port} after waiting 1 s"
+    ]
