@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from engine.architecture import StepContext
 from engine.configs import make_config
 from engine.errors import EngineError
 from engine.paths import cache_dir
+from engine.progress import LineProgress, is_terminal
 
 
 class DeviceError(EngineError):
@@ -91,6 +93,9 @@ class _Distributed:
 
 
 def _progress(enabled: bool):
+    """rich's bar on a terminal; a plain line every few seconds on a pipe or a file."""
+    if not is_terminal():
+        return LineProgress("loss {loss:.4f}  {speed:,.0f} {unit}/s", enabled=enabled)
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -111,6 +116,10 @@ def _progress(enabled: bool):
         TimeRemainingColumn(),
         disable=not enabled,
     )
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def train(
@@ -169,8 +178,11 @@ def train(
     total = arch.steps(config)
 
     dist = _Distributed(dev)
+    is_main = dist.rank == 0
+    say = _say if progress and is_main else lambda message: None
     seed_everything(seed)
     artifacts = init.artifacts_dir if init is not None else (out_dir if resume else None)
+    say(f"{arch_name}: preparing data (cached after the first run)")
     data = arch.load_data(config, cache_dir(), artifacts)
     model = arch.build_model(config)
     init_record = _load_init(model, init) if init is not None else None
@@ -206,7 +218,6 @@ def train(
             },
         )
 
-    is_main = dist.rank == 0
     unit = getattr(arch, "item_unit", "items")
     t0, items, last = time.perf_counter(), 0.0, {}
     try:
@@ -231,6 +242,7 @@ def train(
         train_time = time.perf_counter() - t0
         dist.barrier()
         if is_main:
+            say(f"{arch_name}: evaluating on held-out data")
             model.eval()
             with torch.no_grad():
                 metrics = arch.evaluate(model, data, config)
