@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from engine.runtime.backends import Backend
-from engine.runtime.batcher import Arrays, BatcherConfig, DynamicBatcher
+from engine.runtime.batcher import Arrays, BatcherConfig, DynamicBatcher, concat_rows
 from engine.runtime.errors import InvalidSamplingParamsError, ModelSignatureError
 from engine.runtime.loader import ModelVersion
 
@@ -27,8 +27,8 @@ class _BatchedEngine:
         self.model, self.backend = model, backend
         self.batcher = DynamicBatcher(backend.run, batcher, self._collate)
 
-    def _collate(self, parts: list[Arrays]) -> Arrays:
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # how requests' rows become one batch; the classifier pads its rows to one width first
+    _collate = staticmethod(concat_rows)
 
     def describe(self) -> dict[str, Any]:
         """Model and batching figures, for the CLI and metrics."""
