@@ -2,7 +2,8 @@
 
 No scheduler, no sampler, no preallocation: every step feeds the previous ``present`` back as
 ``past_key_values`` (onnxruntime concatenates past and new inside the graph) and grows the
-attention mask with ``np.concatenate``. Prompts are left-padded into one batch.
+attention mask with ``np.concatenate``. Prompts are left-padded into one batch. The loop is the
+engine's own (engine/graph_decoder.py, also what export validation decodes with).
 
     python bench/bare_loop.py --repo REPO --model NAME --batch 16 --prompt-len 32 --new 128
 """
@@ -39,33 +40,14 @@ def greedy(
 ) -> np.ndarray:
     """Greedy-decode ``max_new`` tokens for each prompt; return (B, max_new) token ids.
 
-    ``on_step(step)`` is called as soon as step ``step``'s tokens exist (benchmarks time it).
+    The engine's one decode loop (:class:`engine.graph_decoder.GraphDecoder`) straight on the
+    session: nothing between it and onnxruntime. ``on_step(step)`` is called as soon as step
+    ``step``'s tokens exist (benchmarks time it).
     """
-    inputs = {i.name: i for i in session.get_inputs()}
-    past_names = [n for n in inputs if n.startswith("past_key_values.")]
-    present_names = ["present." + n.split(".", 1)[1] for n in past_names]
-    _, heads, _, dim = inputs[past_names[0]].shape
-    batch, width = len(prompts), max(len(p) for p in prompts)
-    ids = np.full((batch, width), pad_id, np.int64)
-    mask = np.zeros((batch, width), np.int64)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = p
-        mask[row, width - len(p) :] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    past = {n: np.zeros((batch, heads, 0, dim), np.float32) for n in past_names}
-    attention = mask
-    out = np.zeros((batch, max_new), np.int64)
-    for step in range(max_new):
-        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": attention, **past}
-        results = session.run(["logits", *present_names], feeds)
-        out[:, step] = results[0][:, -1].argmax(axis=-1)
-        if on_step is not None:
-            on_step(step)
-        past = dict(zip(past_names, results[1:]))
-        positions = positions[:, -1:] + 1
-        ids = out[:, step : step + 1]
-        attention = np.concatenate([attention, np.ones((batch, 1), np.int64)], axis=1)
-    return out
+    from engine.graph_decoder import GraphDecoder, ort_runner, session_signature
+
+    decoder = GraphDecoder(session_signature(session))
+    return decoder.generate(ort_runner(session), prompts, max_new, pad_id, on_step=on_step)
 
 
 def main() -> None:

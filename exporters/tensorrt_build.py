@@ -257,7 +257,8 @@ def compare_with_onnx(
     An fp16 engine is held to the signature's fp16 tolerances, an fp32 one (TF32 off) to its
     fp32 tolerances.
     """
-    from exporters.validate import ort_runner, ort_session
+    from engine.graph_decoder import ort_runner
+    from exporters.validate import ort_session
 
     signature = arch.export_signature(config, variant)
     atol, rtol = (

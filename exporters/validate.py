@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 
 from engine.architecture import ExportSignature
+from engine.graph_decoder import GraphDecoder, Runner, ort_runner, torch_runner
 from exporters.base import (
     AgreementTooLow,
     GreedyMismatch,
@@ -28,7 +29,6 @@ from exporters.base import (
     UnknownTask,
     ValuesMismatch,
 )
-from exporters.greedy import GreedyDecoder, Runner
 from exporters.onnx_export import context_length
 from exporters.progress import Stages
 
@@ -60,33 +60,6 @@ def ort_session(path: Path) -> ort.InferenceSession:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def ort_runner(session: ort.InferenceSession) -> Runner:
-    """Run a session on a dict of numpy inputs; return outputs by name."""
-    names = [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
-
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
-
-    return run
-
-
-def torch_runner(module: torch.nn.Module, signature: ExportSignature) -> Runner:
-    """Run the wrapped torch module positionally in signature order; return numpy by name."""
-
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in signature.input_names()]
-        with torch.no_grad():
-            out = module(*args)
-        out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-        return {
-            n: t.detach().float().numpy() if t.is_floating_point() else t.numpy()
-            for n, t in zip(signature.output_names(), out)
-        }
-
-    return run
 
 
 # -- the three steps ---------------------------------------------------------------------------
@@ -203,7 +176,7 @@ def check_generate(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: 
     reference, main = None, ""
     for variant, g in graphs.items():
         example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
-        decoder = GreedyDecoder(g["signature"], {k: v.shape for k, v in example.items()})
+        decoder = GraphDecoder(g["signature"], {k: v.shape for k, v in example.items()})
         ref_tokens = decoder.generate(g["torch"], prompts, max_new, pad_id)
         tokens = decoder.generate(g["onnx"], prompts, max_new, pad_id)
         same_rows = (tokens == ref_tokens).all(axis=1)

@@ -23,6 +23,7 @@ from engine.architecture import (
     TensorSpec,
 )
 from engine.atomic import write_bytes
+from engine.graph_decoder import GraphDecoder, torch_runner
 from plugins.decoder_lm import data as lm_data
 from plugins.decoder_lm.model import GPT, GPTConfig
 from plugins.stdlib_text import EOT, PAD
@@ -184,24 +185,20 @@ class DecoderLM(Architecture):
             prompt = prompt[:-1]
         ids = tokenizer.encode(prompt).ids[-(config.block_size - 1) :] or [eos]
         gen = torch.Generator().manual_seed(int(options.get("seed", 0)))
-        device = next(model.parameters()).device
-        logits, past = model(torch.tensor([ids], device=device))
-        out: list[int] = []
-        for _ in range(int(options.get("max_tokens", 64))):
-            nxt = _pick(
-                logits[0, -1].float().cpu(),
-                float(options.get("temperature", 0.8)),
-                int(options.get("top_k", 0)),
-                float(options.get("top_p", 1.0)),
-                gen,
-            )
-            if nxt == eos:
-                break
-            out.append(nxt)
-            if len(ids) + len(out) >= config.block_size:  # learned positions end here
-                break
-            logits, past = model(torch.tensor([[nxt]], device=device), past_kv=past)
-        return prompt + tokenizer.decode(out)
+        temperature = float(options.get("temperature", 0.8))
+        top_k, top_p = int(options.get("top_k", 0)), float(options.get("top_p", 1.0))
+
+        def pick(logits: np.ndarray, step: int) -> np.ndarray:  # logits (1, V)
+            row = torch.from_numpy(logits[0]).float()
+            return np.array([_pick(row, temperature, top_k, top_p, gen)])
+
+        # the engine's decode loop over the export wrapper: the path export validation checks
+        signature = self.export_signature(config)
+        run = torch_runner(self.export_module(model.eval(), config), signature)
+        max_new = min(int(options.get("max_tokens", 64)), config.block_size - len(ids))
+        out = GraphDecoder(signature).generate(run, [ids], max_new, PAD_ID, pick, stop_id=eos)
+        out = out[0].tolist()
+        return prompt + tokenizer.decode(out[: out.index(eos)] if eos in out else out)
 
     # -- export and serving ------------------------------------------------------------------
     def export_variants(self, config: DecoderLMConfig) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import checkpoint
+from engine.graph_decoder import GraphDecoder, UnknownGraphLayout
 from engine.plugins import architectures, export_formats
 from engine.repository import verify_files
 from exporters.base import (
@@ -16,7 +17,6 @@ from exporters.base import (
     LabelMismatch,
     PixelErrorTooLarge,
 )
-from exporters.greedy import GreedyDecoder, UnknownGraphLayout
 from exporters.onnx_graph import EXPORTER_ENV
 from exporters.validate import (
     check_classify,
@@ -213,7 +213,7 @@ def test_a_graph_without_the_kv_naming_convention_is_refused(lm):
         signature.outputs,
     )
     with pytest.raises(UnknownGraphLayout, match="role of generate input"):
-        GreedyDecoder(renamed, {})
+        GraphDecoder(renamed, {})
 
 
 def _flip_rows(run, name: str, rows: int):

@@ -1,4 +1,10 @@
-"""Greedy decoding through a ``generate`` graph with its KV cache, on any runner (numpy only).
+"""Decoding through a ``generate`` graph with its KV cache, on any runner: the one loop.
+
+Export validation (ONNX against PyTorch), the bench's bare onnxruntime loop and the decoder
+plugin's ``engine sample`` all decode with :class:`GraphDecoder`: greedy by default, or any
+``pick`` of the next token from the logits. A runner is a function of named numpy arrays to
+named numpy arrays: :func:`ort_runner` for an onnxruntime session, :func:`torch_runner` for an
+export wrapper module (torch is imported only there).
 
 The roles of a generate graph's tensors come from its ExportSignature by name, the convention
 the decoder plugins and the runtime share:
@@ -26,19 +32,74 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from engine.architecture import ExportSignature, TensorSpec
-from exporters.base import ValidationError
+from engine.errors import EngineError
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+Pick = Callable[[np.ndarray, int], np.ndarray]  # (last logits (B, V), step) -> token ids (B,)
 MASK_ROLES = ("attention_mask", "cache_mask", "new_mask")
 PAGED_ROLES = ("cache_lens", "block_table", "block_owner", "block_index")
 
 
-class UnknownGraphLayout(ValidationError):
+class UnknownGraphLayout(EngineError):
     """A generate graph's inputs do not follow the naming convention above, so it cannot run."""
+
+
+def greedy_pick(logits: np.ndarray, step: int) -> np.ndarray:
+    """The most likely token of each row."""
+    return np.argmax(logits, axis=-1)
+
+
+def ort_runner(session: Any) -> Runner:
+    """Run an onnxruntime session on a dict of numpy inputs; return every output by name."""
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+    return run
+
+
+def torch_runner(module: Any, signature: ExportSignature) -> Runner:
+    """Run an export wrapper positionally in signature order; return numpy by name."""
+    import torch
+
+    device = next(iter(module.parameters()), torch.empty(0)).device
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [
+            torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device)
+            for n in signature.input_names()
+        ]
+        with torch.no_grad():
+            out = module(*args)
+        out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return {
+            n: t.detach().float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
+            for n, t in zip(signature.output_names(), out)
+        }
+
+    return run
+
+
+def session_signature(session: Any) -> ExportSignature:
+    """An onnxruntime session's inputs and outputs as an ExportSignature (axis names kept)."""
+
+    def spec(value: Any) -> TensorSpec:
+        dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}.get(
+            value.type, value.type.removeprefix("tensor(").removesuffix(")")
+        )
+        shape = tuple(d if isinstance(d, (int, str)) else "dynamic" for d in value.shape)
+        return TensorSpec(value.name, dtype, shape)
+
+    return ExportSignature(
+        tuple(spec(v) for v in session.get_inputs()), tuple(spec(v) for v in session.get_outputs())
+    )
 
 
 @dataclass(frozen=True)
@@ -50,11 +111,14 @@ class KVPair:
     axis: int
 
 
-class GreedyDecoder:
+class GraphDecoder:
     """Run prefill + decode steps of a generate graph; ``inplace`` says how its cache grows."""
 
-    def __init__(self, signature: ExportSignature, kv_shapes: dict[str, tuple[int, ...]]):
-        """``kv_shapes`` gives each KV input's shape at batch 1, cache length 0 (heads, dims)."""
+    def __init__(
+        self, signature: ExportSignature, kv_shapes: dict[str, tuple[int, ...]] | None = None
+    ):
+        """``kv_shapes``: each KV input's shape (heads, dims); by default the signature's own,
+        which must then give those axes as numbers."""
         names = signature.input_names()
         if "input_ids" not in names:
             raise UnknownGraphLayout("a generate graph needs an 'input_ids' input")
@@ -77,7 +141,10 @@ class GreedyDecoder:
             raise UnknownGraphLayout("a generate graph needs KV cache inputs")
         out = next(o for o in signature.outputs if o.name == self.kv[0].output)
         self.inplace = out.shape[self.kv[0].axis] == self.seq_axis_name
-        self.kv_shapes = kv_shapes
+        self.kv_shapes = kv_shapes or {
+            p.input.name: tuple(d if isinstance(d, int) else 1 for d in p.input.shape)
+            for p in self.kv
+        }
         self.inputs = set(names)
 
     def _empty_cache(self, batch: int, length: int) -> dict[str, np.ndarray]:
@@ -110,9 +177,21 @@ class GreedyDecoder:
         return out[self.signature.outputs[0].name]
 
     def generate(
-        self, run: Runner, prompts: list[list[int]], max_new: int, pad_id: int = 0
+        self,
+        run: Runner,
+        prompts: list[list[int]],
+        max_new: int,
+        pad_id: int = 0,
+        pick: Pick = greedy_pick,
+        stop_id: int | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        """Greedy-decode ``max_new`` tokens for left-padded ``prompts`` at once: (B, max_new)."""
+        """Decode up to ``max_new`` tokens for left-padded ``prompts`` at once: (B, steps).
+
+        ``pick`` chooses each step's tokens from the last position's logits (greedy by
+        default). With ``stop_id``, decoding ends early once every row has produced it (the
+        rows keep the tokens after it). ``on_step(step)`` runs as soon as a step's tokens exist.
+        """
         batch, width = len(prompts), max(len(p) for p in prompts)
         ids = np.full((batch, width), pad_id, dtype=np.int64)
         new_mask = np.zeros((batch, width), dtype=np.int64)
@@ -127,10 +206,19 @@ class GreedyDecoder:
         cache_valid = np.zeros((batch, length), dtype=np.int64)
         filled = 0  # buffer slots written so far (inplace only)
         tokens = np.zeros((batch, max_new), dtype=np.int64)
+        stopped = np.zeros(batch, dtype=bool)
         logits_name = self.signature.outputs[0].name
         for step in range(max_new):
             out = run(self._feeds(ids, positions, new_mask, cache, cache_valid))
-            tokens[:, step] = np.argmax(out[logits_name][:, -1], axis=-1)
+            tokens[:, step] = pick(out[logits_name][:, -1], step)
+            if on_step is not None:
+                on_step(step)
+            if stop_id is not None:
+                stopped |= tokens[:, step] == stop_id
+                if stopped.all():
+                    return tokens[:, : step + 1]
+            if step + 1 == max_new:
+                break  # the last tokens need no forward pass
             seq = ids.shape[1]
             for pair in self.kv:
                 new = out[pair.output]
