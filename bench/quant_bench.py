@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.greedy import GreedyDecoder
+from engine.graph_decoder import GraphDecoder
 from exporters.quantize import QuantScheme, quantize_graph
 from exporters.validate_quantized import log_softmax
 
@@ -75,7 +75,7 @@ def make_variant(repo: Path, model: str, name: str) -> str:
     return target
 
 
-def heldout(repo: Path, model: str) -> tuple[np.ndarray, np.ndarray, Any, GreedyDecoder]:
+def heldout(repo: Path, model: str) -> tuple[np.ndarray, np.ndarray, Any, GraphDecoder]:
     """The decoder's held-out windows and targets, the fp32 manifest, a default-graph driver."""
     from engine.plugins import get_architecture
     from engine.repository import read_manifest, version_dir
@@ -86,7 +86,7 @@ def heldout(repo: Path, model: str) -> tuple[np.ndarray, np.ndarray, Any, Greedy
     config = arch.config_class(**manifest.checkpoint["config"])
     feeds, targets = arch.heldout_examples(config, path)
     shapes = {k: v.shape for k, v in arch.example_inputs(config, 1, 1, 0).items()}
-    decoder = GreedyDecoder(arch.export_signature(config, "default"), shapes)
+    decoder = GraphDecoder(arch.export_signature(config, "default"), shapes)
     return feeds["input_ids"], targets, manifest, decoder
 
 
@@ -109,7 +109,7 @@ def session_runner(repo: Path, name: str) -> Callable[[dict], dict]:
 
 
 def accuracy(
-    repo: Path, model: str, variant: str, data: tuple[np.ndarray, np.ndarray, GreedyDecoder]
+    repo: Path, model: str, variant: str, data: tuple[np.ndarray, np.ndarray, GraphDecoder]
 ) -> dict[str, float]:
     """Top-1 agreement and CE increase of ``variant``'s default graph against fp32's."""
     ids, targets, decoder = data

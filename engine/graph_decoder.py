@@ -200,7 +200,9 @@ class GraphDecoder:
             new_mask[row, width - len(prompt) :] = 1
         positions = np.where(new_mask == 1, np.cumsum(new_mask, axis=1) - 1, 0).astype(np.int64)
         if self.paged:
-            return self._generate_paged(run, ids, positions, new_mask, max_new)
+            return self._generate_paged(
+                run, ids, positions, new_mask, max_new, pick, stop_id, on_step
+            )
         length = width + max_new if self.inplace else 0
         cache = self._empty_cache(batch, length)
         cache_valid = np.zeros((batch, length), dtype=np.int64)
@@ -237,14 +239,23 @@ class GraphDecoder:
             ids, new_mask = tokens[:, step : step + 1].copy(), np.ones((batch, 1), np.int64)
         return tokens
 
-    def _generate_paged(self, run, ids, positions, new_mask, max_new: int) -> np.ndarray:
+    def _generate_paged(
+        self, run, ids, positions, new_mask, max_new: int, pick: Pick, stop_id, on_step
+    ) -> np.ndarray:
         batch = len(ids)
         pool = PagedPool(self, batch, ids.shape[1] + max_new)
         tokens = np.zeros((batch, max_new), dtype=np.int64)
+        stopped = np.zeros(batch, dtype=bool)
         logits_name = self.signature.outputs[0].name
         for step in range(max_new):
             out = run(pool.feeds(ids, positions, new_mask))
-            tokens[:, step] = np.argmax(out[logits_name][:, -1], axis=-1)
+            tokens[:, step] = pick(out[logits_name][:, -1], step)
+            if on_step is not None:
+                on_step(step)
+            if stop_id is not None:
+                stopped |= tokens[:, step] == stop_id
+                if stopped.all():
+                    return tokens[:, : step + 1]
             pool.append(out, new_mask)
             positions = positions.max(axis=1, keepdims=True) + 1
             ids, new_mask = tokens[:, step : step + 1].copy(), np.ones((batch, 1), np.int64)
@@ -258,7 +269,7 @@ class PagedPool:
     contiguous and the table really is followed); its cached tokens are written in order.
     """
 
-    def __init__(self, decoder: GreedyDecoder, batch: int, capacity: int):
+    def __init__(self, decoder: GraphDecoder, batch: int, capacity: int):
         self.decoder = decoder
         first = decoder.kv[0].input
         self.block_size = int(first.shape[2])

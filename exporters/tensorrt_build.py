@@ -307,12 +307,12 @@ def greedy_check(
     """
     if getattr(arch, "task", None) != "generate":
         return None
-    from exporters.greedy import GreedyDecoder
-    from exporters.validate import FP16_MIN_TOP1, GREEDY_TOKENS, ort_runner, ort_session
+    from engine.graph_decoder import GraphDecoder, ort_runner
+    from exporters.validate import FP16_MIN_TOP1, GREEDY_TOKENS, ort_session
 
     signature = arch.export_signature(config, variant)
     example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
-    decoder = GreedyDecoder(signature, {k: v.shape for k, v in example.items()})
+    decoder = GraphDecoder(signature, {k: v.shape for k, v in example.items()})
     engine_run, onnx_run = EngineRunner(plan), ort_runner(ort_session(onnx_path))
     limit = max_seq or 2 * GREEDY_TOKENS
     max_new = max(1, min(GREEDY_TOKENS, limit // 2))

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.graph_decoder import GraphDecoder
 from exporters.base import QuantizedAccuracyTooLow, ValidationError
-from exporters.greedy import GreedyDecoder
 
 MIN_TOP1_AGREEMENT = 0.98  # LM: teacher-forced top-1 agreement with fp32
 MAX_CE_INCREASE = 0.05  # LM: held-out cross-entropy increase, nats/token
@@ -56,7 +56,7 @@ def _check_lm(arch, config, graphs: dict[str, dict], feeds: dict, targets: np.nd
     decoders = {}
     for variant, g in graphs.items():
         example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
-        decoders[variant] = GreedyDecoder(g["signature"], {k: v.shape for k, v in example.items()})
+        decoders[variant] = GraphDecoder(g["signature"], {k: v.shape for k, v in example.items()})
     main = next(iter(graphs))
     scored = (mask == 1) & (targets >= 0)
     sums = {v: {"agree": 0, "nll_fp32": 0.0, "nll": 0.0} for v in graphs}

@@ -38,7 +38,7 @@ BINDING_BLOCKS = 8  # a decode step binds the pool up to a multiple of this many
 
 @dataclass(frozen=True)
 class InplaceGraph:
-    """The roles of a paged ``kv_inplace`` graph's tensors (exporters/greedy.py's convention)."""
+    """The roles of a paged ``kv_inplace`` graph's tensors (engine/graph_decoder.py)."""
 
     logits: str
     kv: tuple[tuple[str, str], ...]  # (pool input, new output) per key/value tensor

@@ -111,8 +111,7 @@ def _same_greedy(theirs: Any, hf_tokenizer: Any, source: Any) -> dict[str, Any]:
     import torch
     from tokenizers import Tokenizer
 
-    from exporters.greedy import GreedyDecoder
-    from exporters.validate import torch_runner
+    from engine.graph_decoder import GraphDecoder, torch_runner
 
     arch, config, model = source.arch, source.config, source.model
     serving = arch.serving_metadata(config, source.artifacts_dir)
@@ -122,7 +121,7 @@ def _same_greedy(theirs: Any, hf_tokenizer: Any, source: Any) -> dict[str, Any]:
         raise ConvertError("AutoTokenizer on the converted directory gives other token ids")
     signature = arch.export_signature(config, "default")
     example = arch.example_inputs(config, 1, 1, 0, seed=0, variant="default")
-    decoder = GreedyDecoder(signature, {k: v.shape for k, v in example.items()})
+    decoder = GraphDecoder(signature, {k: v.shape for k, v in example.items()})
     run = torch_runner(arch.export_module(model, config, "default").eval(), signature)
     pad = int(serving.get("pad_token_id") or 0)
     for i, prompt in enumerate(prompts):

@@ -135,7 +135,7 @@ class TransformersReference:
         import torch
         from tokenizers import Tokenizer
 
-        from exporters.greedy import GreedyDecoder
+        from engine.graph_decoder import GraphDecoder
         from exporters.provenance import context_length
 
         serving = arch.serving_metadata(config, artifacts_dir)
@@ -154,7 +154,7 @@ class TransformersReference:
         }
         for variant, g in graphs.items():
             example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
-            decoder = GreedyDecoder(g["signature"], {k: v.shape for k, v in example.items()})
+            decoder = GraphDecoder(g["signature"], {k: v.shape for k, v in example.items()})
             tokens = decoder.generate(g["onnx"], prompts, max_new, pad_id)
             same = (tokens == expected).all(axis=1)
             entry: dict[str, Any] = {

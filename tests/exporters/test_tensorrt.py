@@ -118,10 +118,11 @@ def test_cli_tensorrt_export_fails_cleanly_and_writes_nothing(tiny_ckpt, tmp_pat
 @pytest.mark.gpu
 @pytest.mark.skipif(not _have_tensorrt_and_gpu(), reason="needs the tensorrt package and a GPU")
 def test_engine_matches_onnx_outputs(tiny_ckpt, tmp_path):
+    from engine.graph_decoder import ort_runner
     from engine.plugins import export_formats
     from engine.repository import TIMING_CACHE, read_manifest, verify_files
     from exporters.tensorrt_build import EngineRunner
-    from exporters.validate import ort_runner, ort_session
+    from exporters.validate import ort_session
     from tests.exporters.tiny_arch import TinyClassifier, TinyConfig
 
     fmt = export_formats()["tensorrt"]
@@ -317,7 +318,8 @@ class _OnnxAsEngine:
     """Stands in for EngineRunner: runs the ONNX graph itself, then ``tamper`` with the outputs."""
 
     def __init__(self, onnx_path, tamper=None):
-        from exporters.validate import ort_runner, ort_session
+        from engine.graph_decoder import ort_runner
+        from exporters.validate import ort_session
 
         self.run, self.tamper, self.calls = ort_runner(ort_session(onnx_path)), tamper, 0
 

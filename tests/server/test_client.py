@@ -122,3 +122,19 @@ def test_the_client_commands_print_through_the_cli(server):
         "gan",
         "lm",
     ]
+
+
+def test_every_sampling_value_the_client_sends_reaches_the_runtime():
+    """Client and server read the sampling scalars off the .proto: none is dropped on the way."""
+    from engine.client import sampling_params
+    from engine.proto import engine_pb2 as pb
+    from engine.server.params import from_proto
+
+    sent = dict(
+        temperature=0.5, top_k=7, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+        presence_penalty=0.2, frequency_penalty=0.3, max_tokens=9, seed=11, logprobs=2,
+    )  # fmt: skip
+    declared = {f.name for f in pb.SamplingParams.DESCRIPTOR.fields if f.has_presence}
+    assert set(sent) == declared  # a new optional field in the .proto needs a value here
+    got = from_proto(sampling_params(**sent), vocab_size=100)
+    assert {name: getattr(got, name) for name in sent} == pytest.approx(sent)
