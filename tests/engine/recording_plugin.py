@@ -2,7 +2,8 @@
 
 Registered through ENGINE_PLUGINS by tests/engine/test_hook_docs.py. ``CALLS`` collects
 ``"hook.<name>"`` when the engine calls a hook, ``"arch.<method>"`` for every Architecture
-method the engine calls, ``"format.export"`` and ``"backend.load"``/``"backend.run"``.
+method the engine calls, ``"format.export"``, ``"backend.load"``/``"backend.run"`` and
+``"family.converts"`` (``engine convert`` asked the Hugging Face family).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import functools
 import inspect
 from pathlib import Path
 
+import numpy as np
+
 from engine import hookimpl
 from engine.architecture import Architecture
+from engine.hf_family import HFFamily
 from engine.runtime.backends import Backend, BackendFactory, BackendOptions, OnnxRuntimeFactory
 from exporters.base import ExportFormat, ExportOptions
 from exporters.onnx_format import OnnxFormat
@@ -39,9 +43,37 @@ class RecordingClassifier(TinyClassifier):
 
     name = ARCH
 
+    def heldout_examples(self, config, ckpt_dir: Path):
+        """Random rows labeled 0 (``engine export --int8`` scores the int8 graph on them)."""
+        feeds = self.example_inputs(config, batch=16, seq=5, past=0)
+        return feeds, np.zeros(16, dtype=np.int64)
+
 
 for _name in CONTRACT:  # inherited defaults (steps, with_steps, ...) are recorded too
-    setattr(RecordingClassifier, _name, _recorded(_name, getattr(TinyClassifier, _name)))
+    setattr(RecordingClassifier, _name, _recorded(_name, getattr(RecordingClassifier, _name)))
+
+
+class RecordingFamily(HFFamily):
+    """A made-up transformers class for the recording classifier; it converts nothing."""
+
+    hf_architecture, model_type = "RecordingForSequenceClassification", "recording"
+    architecture, auto_class = ARCH, "AutoModelForSequenceClassification"
+
+    def converts(self, config) -> bool:
+        CALLS.append("family.converts")
+        return True
+
+    def unsupported(self, hf_config):
+        return ["nothing maps onto the recording classifier"]
+
+    def config_from_hf(self, hf_config, tokenizer):
+        raise NotImplementedError
+
+    def weights_from_hf(self, tensors, config):
+        raise NotImplementedError
+
+    def write_artifacts(self, hf_config, tokenizer, out_dir: Path) -> None:
+        raise NotImplementedError
 
 
 class RecordingFormat(ExportFormat):
@@ -101,3 +133,10 @@ def engine_register_backends():
     """Register the recording backend."""
     CALLS.append("hook.engine_register_backends")
     return [RecordingBackendFactory()]
+
+
+@hookimpl
+def engine_register_hf_families():
+    """Register the recording family."""
+    CALLS.append("hook.engine_register_hf_families")
+    return [RecordingFamily()]

@@ -3,7 +3,8 @@ engine really calls it.
 
 "Calls" is observed, not searched for in the test sources: a plugin implementing every hook
 with recording objects (``tests/engine/recording_plugin.py``) goes through what a user runs -
-train, sample, export, then load and run the exported version in the runtime - and each hook,
+train, sample, export (fp32 and int8), convert, then load and run the exported version in the
+runtime - and each hook,
 each object a hook returned and each method of the Architecture contract must have been called
 by the engine on the way, with the results of each stage checked. A new hook or contract method
 that the engine never calls (or that this pipeline does not reach) fails here.
@@ -35,6 +36,7 @@ def pipeline(tmp_path_factory):
 
     from engine import plugins
     from engine.cli import app
+    from engine.errors import EngineError
     from engine.runtime.backends import BackendOptions
     from engine.runtime.loader import open_version
     from engine.trainer import train
@@ -55,6 +57,13 @@ def pipeline(tmp_path_factory):
         args = ["export", str(ckpt), "--repo", str(root / "repo"), "--format", rec.FORMAT]
         exported = CliRunner().invoke(app, [*args, "--no-progress"])
         stages["export"] = exported.exit_code == 0 and (root / "repo" / rec.ARCH / "1").is_dir()
+        int8 = CliRunner().invoke(app, [*args, "--int8", "--no-progress"])
+        stages["int8"] = int8.exit_code == 0 and (root / "repo" / rec.ARCH / "2").is_dir()
+        # the family converts nothing: the engine asks it, then refuses with an EngineError
+        # (which `engine` prints as one line, exit 2)
+        converted = CliRunner().invoke(app, ["convert", str(ckpt), str(root / "hf"), "--to", "hf"])
+        refusal = converted.exception
+        stages["convert"] = isinstance(refusal, EngineError) and "does not convert" in str(refusal)
         version = open_version(root / "repo")
         graph = version.load("default", BackendOptions(intra_op_threads=1), backend=rec.BACKEND)
         arch = rec.RecordingClassifier()
@@ -69,7 +78,8 @@ def pipeline(tmp_path_factory):
 
 def test_the_pipeline_ran_every_stage(pipeline):
     _, stages = pipeline
-    assert stages == {"train": True, "sample": True, "export": True, "runtime": True}
+    ran = ("train", "sample", "export", "int8", "convert", "runtime")
+    assert stages == dict.fromkeys(ran, True)
 
 
 @pytest.mark.parametrize("name", HOOKS)
@@ -82,6 +92,7 @@ def test_hook_documented_and_used(name, pipeline):
         "engine_register_architectures": "arch.build_model",
         "engine_register_export_formats": "format.export",
         "engine_register_backends": "backend.run",
+        "engine_register_hf_families": "family.converts",
     }
     assert name in used, f"{name}: say which call shows the engine used what the hook returned"
     assert used[name] in calls, f"the engine called {name} but never used what it returned"

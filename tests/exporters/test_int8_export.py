@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from engine import checkpoint
+from engine.graph_decoder import ort_runner, torch_runner
 from engine.plugins import export_formats
 from engine.repository import verify_files
 from exporters import onnx_export
 from exporters.base import ExportError, ExportOptions, QuantizedAccuracyTooLow, ValidationError
 from exporters.quantize import QuantScheme, quantize_graph
-from exporters.validate import ort_runner, ort_session, torch_runner
+from exporters.validate import ort_session
 from exporters.validate_quantized import check_quantized
 from tests.exporters.test_roundtrip import TINY
 
