@@ -17,9 +17,10 @@ from engine.progress import LINE_INTERVAL_S, clock, is_terminal
 class Stages:
     """Show each stage as a spinner line that turns into a tick, and record its duration.
 
-    On a pipe or a file (no spinner can redraw there) each stage prints a line when it starts,
-    one every few seconds while it runs, and a tick line when it ends. With ``show=False``
-    nothing is printed; the durations are still recorded for the manifest.
+    On a pipe or a file (no spinner can redraw there) a stage prints a line every few seconds
+    while it runs and a tick line when it ends; a failed one prints nothing more, as the
+    terminal display leaves only the error. With ``show=False`` nothing is printed; the
+    durations are still recorded for the manifest.
     """
 
     def __init__(self, show: bool = True, console: Console | None = None):
@@ -59,7 +60,7 @@ class Stages:
             if self._progress is not None and task is not None:
                 self._progress.update(task, description=f"[red]{label} (failed)[/red]")
             if beat is not None:
-                beat.stop(f"✗ {label} (failed)")
+                beat.stop(None)  # the error message says what failed
             raise
         finally:
             self.seconds[label] = round(time.perf_counter() - start, 3)
@@ -70,12 +71,11 @@ class Stages:
 
 
 class _Heartbeat:
-    """Print ``label ...`` now, ``label  H:MM:SS`` every few seconds, and a final line."""
+    """Print ``label  H:MM:SS`` every few seconds while a stage runs, and a final line."""
 
     def __init__(self, label: str, start: float):
         self.label, self.start = label, start
         self._done = threading.Event()
-        _print(f"  {label} ...")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -83,10 +83,11 @@ class _Heartbeat:
         while not self._done.wait(LINE_INTERVAL_S):
             _print(f"  {self.label}  {clock(time.perf_counter() - self.start)}")
 
-    def stop(self, final: str) -> None:
+    def stop(self, final: str | None) -> None:
         self._done.set()
         self._thread.join()
-        _print(f"{final}  {clock(time.perf_counter() - self.start)}")
+        if final is not None:
+            _print(f"{final}  {clock(time.perf_counter() - self.start)}")
 
 
 def _print(line: str) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import time
+
+import pytest
 
 import engine.progress as progress
+import exporters.progress as stages_mod
 from tests.conftest import TOY_ENV, run_cli
 
 
@@ -49,3 +53,19 @@ def test_train_on_a_pipe_prints_progress_lines(tmp_path):
     assert any(line.startswith("toy-regression  30/30  loss ") for line in lines), lines
     assert "toy-regression: evaluating on held-out data" in lines
     assert "━" not in res.stderr + res.stdout  # no bar drawn into a pipe
+
+
+def test_export_stages_on_a_pipe_beat_while_running_and_leave_a_failure_to_its_error(
+    monkeypatch, capsys
+):
+    monkeypatch.setattr(stages_mod, "is_terminal", lambda: False)
+    monkeypatch.setattr(stages_mod, "LINE_INTERVAL_S", 0.02)
+    with pytest.raises(ValueError), stages_mod.Stages() as stages:
+        with stages.stage("trace default"):
+            time.sleep(0.15)
+        with stages.stage("validate default"):
+            raise ValueError("graph differs")
+    lines = capsys.readouterr().err.splitlines()
+    beats = [line for line in lines if line.startswith("  trace default  0:00:0")]
+    assert len(beats) >= 2 and lines[len(beats)].startswith("✓ trace default  0:00:0")
+    assert not any("validate" in line for line in lines)  # the error alone says what failed
