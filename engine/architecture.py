@@ -122,6 +122,11 @@ class Architecture(ABC):
     def load_data(self, config: Any, cache_dir: Path, artifacts_dir: Path | None) -> DataBundle:
         """Load train/held-out data offline; reuse artifacts from ``artifacts_dir`` on resume."""
 
+    def init_weights(  # noqa: B027 - optional
+        self, model: torch.nn.Module, data: DataBundle, config: Any
+    ) -> None:
+        """Initialise weights from the training data before the first step (default: keep)."""
+
     @abstractmethod
     def configure_optimizers(self, model: torch.nn.Module, config: Any) -> list[Any]:
         """Return the optimizers ``training_step`` will step, in a fixed order."""

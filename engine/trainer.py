@@ -185,7 +185,9 @@ def train(
     say(f"{arch_name}: preparing data (cached after the first run)")
     data = arch.load_data(config, cache_dir(), artifacts)
     model = arch.build_model(config)
-    init_record = _load_init(model, init) if init is not None else None
+    if state is None:  # a resumed run loads its weights below instead
+        arch.init_weights(model, data, config)
+    init_record = _load_init(model, init) if init is not None else None  # overrides both
     model = model.to(dev)
     optimizers = arch.configure_optimizers(model, config)
     if state is not None:

@@ -1,4 +1,4 @@
-"""A small pre-LN transformer encoder with a [CLS] classification head and an MLM head.
+"""A small pre-LN transformer encoder: a classification head (mean or [CLS]) and an MLM head.
 
 Attention is written out as matmul + softmax with an additive key-padding bias, so the ONNX
 graph is a handful of plain ops and padded positions never change the [CLS] output.
@@ -76,8 +76,12 @@ class TextClassifier(nn.Module):
         n_head: int,
         d_model: int,
         dropout: float,
+        pooling: str = "cls",
     ):
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
+        self.pooling = pooling
         self.max_len = max_len
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_len, d_model)
@@ -109,8 +113,12 @@ class TextClassifier(nn.Module):
         return self.ln_f(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Return class logits (B, num_classes) read from the [CLS] position."""
-        return self.head(self.encode(input_ids, attention_mask)[:, 0])
+        """Return class logits (B, num_classes) from the [CLS] position or the tokens' mean."""
+        hidden = self.encode(input_ids, attention_mask)  # (B, T, C)
+        if self.pooling == "cls":
+            return self.head(hidden[:, 0])
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Map hidden states (N, C) of masked positions to vocabulary logits (N, vocab)."""

@@ -76,10 +76,12 @@ def test_batches_hold_a_masked_lm_half_and_a_labeled_half(data):
 
 
 def test_steps_cover_both_phases_and_scale_together():
-    config = TextClassifierConfig()
+    config = TextClassifierConfig(pretrain_steps=600, finetune_steps=600)
     assert ARCH.steps(config) == config.pretrain_steps + config.finetune_steps
     scaled = ARCH.with_steps(config, 100)
-    assert ARCH.steps(scaled) == 100 and scaled.pretrain_steps > 0 and scaled.finetune_steps > 0
+    assert (scaled.pretrain_steps, scaled.finetune_steps) == (50, 50)
+    default = ARCH.with_steps(TextClassifierConfig(), 100)  # no pretraining by default
+    assert (default.pretrain_steps, default.finetune_steps) == (0, 100)
 
 
 def test_tiny_run_beats_the_majority_class(tiny_run):
@@ -140,3 +142,43 @@ def test_default_config_meets_the_quality_bar(tmp_path):
     out = train("text-classifier", tmp_path / "ckpt", progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["quality"]["passed"], metrics["quality"]["summary"]
+    assert metrics["accuracy"] >= 0.62  # issue 16's floor; the README quotes this run
+
+
+def _two_topic_stream(eot: int) -> np.ndarray:
+    """Twenty files: the first ten use tokens 10-19 only, the other ten tokens 20-29."""
+    rng = np.random.default_rng(0)
+    files = [rng.integers(10 + 10 * (f >= 10), 20 + 10 * (f >= 10), 40) for f in range(20)]
+    return np.concatenate([np.append(f, eot) for f in files])
+
+
+def test_lsa_gives_tokens_of_the_same_files_close_vectors():
+    from plugins.text_classifier.lsa import lsa_vectors
+
+    vectors = lsa_vectors(_two_topic_stream(eot=0), eot_id=0, vocab_size=40, dim=2)
+    assert vectors.shape == (40, 2)
+    cos = vectors @ vectors.T  # rows are unit length
+    assert np.allclose(np.diag(cos)[10:30], 1.0, atol=1e-5)
+    assert cos[10:20, 10:20].min() > 0.9 and cos[20:30, 20:30].min() > 0.9
+    assert abs(cos[10:20, 20:30]).max() < 0.3  # the two packages' tokens stay apart
+    assert not vectors[30:].any() and not vectors[0].any()  # unseen tokens and EOT: zero
+
+
+def test_init_weights_writes_lsa_into_the_first_embedding_dims_only():
+    from engine.architecture import DataBundle
+    from engine.errors import EngineError
+
+    config = TextClassifierConfig(vocab_size=40, d_model=16, n_layer=1, n_head=2, lsa_dim=4)
+    data = DataBundle(train={"stream": _two_topic_stream(eot=0)}, eval=None)
+    torch.manual_seed(0)
+    model = ARCH.build_model(config)
+    before = model.tok_emb.weight.detach().clone()
+    ARCH.init_weights(model, data, config)
+    after = model.tok_emb.weight.detach()
+    assert torch.equal(after[:, 4:], before[:, 4:]) and not torch.equal(after[:, :4], before[:, :4])
+    assert torch.allclose(after[10:30, :4].norm(dim=1), torch.ones(20), atol=1e-5)
+    off = TextClassifierConfig(vocab_size=40, d_model=16, n_layer=1, n_head=2, lsa_dim=0)
+    ARCH.init_weights(model, data, off)
+    assert torch.equal(model.tok_emb.weight, after)  # lsa_dim=0 leaves the model alone
+    with pytest.raises(EngineError, match="lsa_dim 32"):
+        ARCH.init_weights(model, data, TextClassifierConfig(vocab_size=40, d_model=16, lsa_dim=32))
