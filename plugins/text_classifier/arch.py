@@ -43,7 +43,6 @@ from engine.architecture import (
     StepContext,
     TensorSpec,
 )
-from engine.errors import EngineError
 from plugins.stdlib_text import (
     CLS,
     EOT,
@@ -83,7 +82,7 @@ class TextClassifierConfig:
     # Token embeddings' first lsa_dim dims start from LSA over the unlabeled stdlib source
     # (plugins/text_classifier/lsa.py, seconds of CPU): tokens of one package's files start
     # close together, which 600 MLM steps did not teach (0 turns it off).
-    lsa_dim: int = 64
+    lsa_dim: int = 64  # at most d_model
     lsa_scale: float = 1.0  # length of each token's LSA part (random init rows are ~0.23 long)
     # phase 1 (optional): masked-language-model pretraining on unlabeled stdlib source; off by
     # default: LSA gives the embeddings what it taught, at a fraction of the CPU
@@ -198,17 +197,16 @@ class TextClassifierArch(Architecture):
         self, model: TextClassifier, data: DataBundle, config: TextClassifierConfig
     ) -> None:
         """Token embeddings' first ``lsa_dim`` dims from LSA over the MLM text (no labels)."""
-        if not config.lsa_dim:
+        dim = min(config.lsa_dim, config.d_model)  # a narrower model takes LSA in every dim
+        if dim <= 0:
             return
-        if not 0 < config.lsa_dim <= config.d_model:
-            raise EngineError(f"lsa_dim {config.lsa_dim} must be within d_model {config.d_model}")
         from plugins.text_classifier.lsa import lsa_vectors
 
         eot = SPECIAL_TOKENS.index(EOT)
-        vectors = lsa_vectors(data.train["stream"], eot, config.vocab_size, config.lsa_dim)
+        vectors = lsa_vectors(data.train["stream"], eot, config.vocab_size, dim)
         with torch.no_grad():
             weight = model.tok_emb.weight  # (vocab, d_model)
-            weight[:, : config.lsa_dim] = torch.from_numpy(vectors * config.lsa_scale)
+            weight[:, :dim] = torch.from_numpy(vectors * config.lsa_scale)
 
     def configure_optimizers(self, model: TextClassifier, config: TextClassifierConfig) -> list:
         """One AdamW; no weight decay on biases and LayerNorms (the 1-D tensors)."""
