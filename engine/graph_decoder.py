@@ -212,13 +212,8 @@ class GraphDecoder:
         logits_name = self.signature.outputs[0].name
         for step in range(max_new):
             out = run(self._feeds(ids, positions, new_mask, cache, cache_valid))
-            tokens[:, step] = pick(out[logits_name][:, -1], step)
-            if on_step is not None:
-                on_step(step)
-            if stop_id is not None:
-                stopped |= tokens[:, step] == stop_id
-                if stopped.all():
-                    return tokens[:, : step + 1]
+            if _next_tokens(tokens, step, out[logits_name][:, -1], pick, stopped, stop_id, on_step):
+                return tokens[:, : step + 1]
             if step + 1 == max_new:
                 break  # the last tokens need no forward pass
             seq = ids.shape[1]
@@ -249,17 +244,23 @@ class GraphDecoder:
         logits_name = self.signature.outputs[0].name
         for step in range(max_new):
             out = run(pool.feeds(ids, positions, new_mask))
-            tokens[:, step] = pick(out[logits_name][:, -1], step)
-            if on_step is not None:
-                on_step(step)
-            if stop_id is not None:
-                stopped |= tokens[:, step] == stop_id
-                if stopped.all():
-                    return tokens[:, : step + 1]
+            if _next_tokens(tokens, step, out[logits_name][:, -1], pick, stopped, stop_id, on_step):
+                return tokens[:, : step + 1]
             pool.append(out, new_mask)
             positions = positions.max(axis=1, keepdims=True) + 1
             ids, new_mask = tokens[:, step : step + 1].copy(), np.ones((batch, 1), np.int64)
         return tokens
+
+
+def _next_tokens(tokens, step, logits, pick: Pick, stopped, stop_id, on_step) -> bool:
+    """Write step ``step``'s picks into ``tokens``; True once every row has produced ``stop_id``."""
+    tokens[:, step] = pick(logits, step)
+    if on_step is not None:
+        on_step(step)
+    if stop_id is None:
+        return False
+    stopped |= tokens[:, step] == stop_id
+    return bool(stopped.all())
 
 
 class PagedPool:
