@@ -16,7 +16,7 @@ through it and reports the server's resident memory (VmRSS, and VmHWM, its peak)
     python bench/hf_scale.py build /tmp/gpt2-small
     python bench/hf_scale.py export /tmp/gpt2-small --repo /tmp/gpt2-repo [--fp16]
     python bench/hf_scale.py serve --repo /tmp/gpt2-repo --model gpt2-small \\
-        --kv-cache-bytes 268435456
+        --kv-cache-bytes 301989888 --max-model-len 256
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def peak_rss(args: list[str]) -> dict:
 def export(hf_dir: Path, repo: Path, name: str, fp16: bool) -> None:
     """``engine export`` under /usr/bin/time -v; prints its peak RSS."""
     args = [sys.executable, "-m", "engine", "export", str(hf_dir), "--repo", str(repo)]
-    args += ["--name", name, "--no-progress", *(["--fp16", "--force"] if fp16 else [])]
+    args += ["--name", name, "--no-progress", *(["--fp16"] if fp16 else [])]
     report = peak_rss(args)
     print(json.dumps(report))
 
@@ -116,7 +116,9 @@ def _status(pid: int) -> dict[str, float]:
     return out
 
 
-def serve(repo: Path, model: str, kv_bytes: int, streams: int, tokens: int, port: int) -> None:
+def serve(
+    repo: Path, model: str, kv_bytes: int, max_len: int, streams: int, tokens: int, port: int
+) -> None:
     """Start engine serve, run ``streams`` concurrent generations, report its memory."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -124,7 +126,8 @@ def serve(repo: Path, model: str, kv_bytes: int, streams: int, tokens: int, port
 
     args = [sys.executable, "-m", "engine", "serve", "--repo", str(repo), "--models", model]
     args += ["--port", str(port), "--no-metrics", "--max-num-seqs", str(streams)]
-    args += ["--kv-cache-bytes", str(kv_bytes), "--log-level", "WARNING"]
+    args += ["--kv-cache-bytes", str(kv_bytes), "--max-model-len", str(max_len)]
+    args += ["--log-level", "WARNING"]
     server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         target = f"127.0.0.1:{port}"
@@ -143,7 +146,8 @@ def serve(repo: Path, model: str, kv_bytes: int, streams: int, tokens: int, port
             seconds = time.perf_counter() - start
         busy = _status(server.pid)
         print(json.dumps({
-            "model": model, "kv_cache_bytes": kv_bytes, "max_num_seqs": streams,
+            "model": model, "kv_cache_bytes": kv_bytes, "max_model_len": max_len,
+            "max_num_seqs": streams,
             "load_s": round(loaded, 1), "idle_rss_mib": idle["VmRSS"],
             "rss_after_mib": busy["VmRSS"], "peak_rss_mib": busy["VmHWM"],
             "streams": streams, "tokens_each": tokens, "seconds": round(seconds, 1),
@@ -191,7 +195,9 @@ def main() -> None:
     s = sub.add_parser("serve", help="engine serve: resident memory under 16 streams")
     s.add_argument("--repo", type=Path, required=True)
     s.add_argument("--model", default="gpt2-small")
-    s.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
+    # 16 sequences of 256 tokens at GPT-2 small's 72 KiB a token (12 layers x K,V x 768 fp32)
+    s.add_argument("--kv-cache-bytes", type=int, default=16 * 256 * 12 * 2 * 768 * 4)
+    s.add_argument("--max-model-len", type=int, default=256)
     s.add_argument("--streams", type=int, default=16)
     s.add_argument("--tokens", type=int, default=64)
     s.add_argument("--port", type=int, default=50077)
@@ -202,7 +208,7 @@ def main() -> None:
     elif a.cmd == "export":
         export(a.hf_dir, a.repo, a.name, a.fp16)
     else:
-        serve(a.repo, a.model, a.kv_cache_bytes, a.streams, a.tokens, a.port)
+        serve(a.repo, a.model, a.kv_cache_bytes, a.max_model_len, a.streams, a.tokens, a.port)
 
 
 if __name__ == "__main__":

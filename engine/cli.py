@@ -292,6 +292,10 @@ def serve_cmd(
             help="LM: reuse computed KV blocks for prompts that start the same way.",
         ),
     ] = True,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(min=1, help="LM: longest prompt + output served [the model's context]."),
+    ] = None,
     grace: Annotated[float, typer.Option(min=0, help="Seconds to drain on SIGTERM.")] = 30.0,
     max_running: Annotated[int, typer.Option(min=1, help="Requests in flight per model.")] = 64,
     max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests per model.")] = 256,
@@ -335,6 +339,7 @@ def serve_cmd(
         dtype=dtype,
         cuda_graphs=cuda_graphs,
         prefix_caching=prefix_caching,
+        max_model_len=max_model_len,
         grace=grace,
         max_running=max_running,
         max_waiting=max_waiting,

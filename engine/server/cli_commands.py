@@ -48,6 +48,7 @@ def serve(
     dtype: str | None = None,
     cuda_graphs: bool = True,
     prefix_caching: bool = True,
+    max_model_len: int | None = None,
     grace: float = 30.0,
     max_running: int = 64,
     max_waiting: int = 256,
@@ -130,6 +131,7 @@ def serve(
             dtype=dtype,
             cuda_graphs=cuda_graphs,
             enable_prefix_caching=prefix_caching,
+            max_model_len=max_model_len,
         ),
     }
 

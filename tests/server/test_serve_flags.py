@@ -88,3 +88,10 @@ def test_torch_runtime_flags_reach_the_engine_config(monkeypatch, tmp_path):
         True,
         None,
     )
+
+
+def test_max_model_len_caps_the_served_context(monkeypatch, tmp_path):
+    """A 1024-token model served for 256-token requests: 16 KV slots of 256, not of 1024."""
+    seen = _serve_with(monkeypatch, tmp_path, "--max-model-len", "256")
+    assert seen["config"].max_model_len == 256
+    assert _serve_with(monkeypatch, tmp_path)["config"].max_model_len is None
