@@ -149,14 +149,13 @@ def sample_cmd(
     option: Annotated[list[str] | None, typer.Option(help="Extra key=value.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
 ) -> None:
-    """Run a trained checkpoint once in PyTorch and show the result."""
+    """Run a trained checkpoint (or a Hugging Face directory) once in PyTorch; show the result."""
     import torch
 
-    from engine import checkpoint
     from engine.trainer import resolve_device
+    from exporters.source import open_source
 
     dev = resolve_device(device)
-    arch, config, model = checkpoint.load(checkpoint_dir, device=str(dev))
     options: dict[str, Any] = {
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -168,8 +167,10 @@ def sample_cmd(
     for key, value in (("prompt", prompt), ("text", text), ("out", out)):
         if value is not None:
             options[key] = value
-    with torch.no_grad():
-        console.print(arch.sample(model, Path(checkpoint_dir), config, options), markup=False)
+    with open_source(Path(checkpoint_dir)) as source, torch.no_grad():
+        model = source.model.to(dev)
+        text = source.arch.sample(model, source.artifacts_dir, source.config, options)
+        console.print(text, markup=False)
 
 
 @app.command("export")

@@ -145,3 +145,11 @@ def test_classifier_tokenizes_like_transformers_and_serves_labels_by_name(
     for row, result in zip(probs, results):
         assert result.label == model.config.id2label[int(row.argmax())]
         assert abs(result.score - row.max()) < 1e-4
+
+
+def test_engine_sample_runs_a_hugging_face_directory_as_it_runs_a_checkpoint(hf_bert, capsys):
+    from engine.cli import main
+
+    assert main(["sample", str(hf_bert), "--text", "Return the EVENT loop."]) == 0
+    out = capsys.readouterr().out
+    assert all(label in out for label in ("negative", "neutral", "positive")), out
