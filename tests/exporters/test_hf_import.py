@@ -153,3 +153,17 @@ def test_engine_sample_runs_a_hugging_face_directory_as_it_runs_a_checkpoint(hf_
     assert main(["sample", str(hf_bert), "--text", "Return the EVENT loop."]) == 0
     out = capsys.readouterr().out
     assert all(label in out for label in ("negative", "neutral", "positive")), out
+
+
+def test_the_tied_embedding_is_stored_once_per_graph(hf_repo):
+    """GPT-2's embedding is also its head: one (V, C) table, not it and its transpose."""
+    import onnx
+
+    version = hf_repo / "gpt2" / "1"
+    manifest = read_manifest(version)
+    vocab, width = manifest.serving["vocab_size"], manifest.serving["n_embd"]
+    for graph in manifest.graphs.values():
+        model = onnx.load(str(version / graph["file"]))
+        tables = [t for t in model.graph.initializer if sorted(t.dims) == sorted([vocab, width])]
+        assert len(tables) == 1, [t.name for t in tables]
+        assert graph["optimization"]["shared_transposed_weights"]
