@@ -249,7 +249,7 @@ def optimize(path: Path) -> dict[str, Any]:
     }
 
 
-def share_transposed_weights(path: Path, min_elements: int = 1 << 16) -> list[str]:
+def share_transposed_weights(path: Path, min_elements: int = 4096) -> list[str]:
     """Keep one copy of a matrix stored both as itself and as its transpose; return their names.
 
     A tied embedding (GPT-2's token embedding is also its output head) reaches the graph as a
