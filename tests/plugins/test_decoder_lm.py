@@ -212,6 +212,44 @@ def test_gpt2_mapping_reproduces_transformers_logits(model_and_config):
         torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=ATOL, rtol=0)
 
 
+def test_gpt2_mapping_takes_a_saved_checkpoint_that_kept_one_tied_name(model_and_config, tmp_path):
+    """A checkpoint on disk keeps one of the tied embedding/head names; both come back.
+
+    ``save_model`` drops the duplicate of a tied tensor, so the file holds only one of
+    ``lm_head.weight`` / ``transformer.wte.weight``; the mapping once used ``setdefault``, whose
+    default (the missing name) is evaluated first: ``KeyError: 'transformer.wte.weight'``.
+    """
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_model
+
+    from plugins.decoder_lm.model import to_gpt2_state_dict
+
+    model, config = model_and_config
+    save_model(model, str(tmp_path / "model.safetensors"))
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert ("lm_head.weight" in saved) != ("transformer.wte.weight" in saved)  # kept one
+    for kept in ("lm_head.weight", "transformer.wte.weight"):
+        other = {"lm_head.weight": "transformer.wte.weight"}.get(kept, "lm_head.weight")
+        state = {k: v for k, v in model.state_dict().items() if k != other}
+        mapped = to_gpt2_state_dict(state)
+        assert torch.equal(mapped["lm_head.weight"], mapped["transformer.wte.weight"])
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=config.vocab_size,
+            n_positions=config.block_size,
+            n_embd=config.n_embd,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            activation_function="gelu_new",
+            layer_norm_epsilon=1e-5,
+        )  # fmt: skip
+    ).eval()
+    hf.load_state_dict(to_gpt2_state_dict(saved), strict=False)
+    ids = torch.randint(4, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=ATOL, rtol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # ~7 min on an idle 2-core machine; a busy one took over 15
 def test_default_config_meets_quality_bar(arch, tmp_path):
