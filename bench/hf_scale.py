@@ -14,7 +14,7 @@ wall time. ``serve`` starts ``engine serve`` with a KV budget, drives 16 concurr
 through it and reports the server's resident memory (VmRSS, and VmHWM, its peak).
 
     python bench/hf_scale.py build /tmp/gpt2-small
-    python bench/hf_scale.py export /tmp/gpt2-small --repo /tmp/gpt2-repo [--fp16]
+    python bench/hf_scale.py export /tmp/gpt2-small --repo /tmp/gpt2-repo [--fp16 | --int8]
     python bench/hf_scale.py serve --repo /tmp/gpt2-repo --model gpt2-small \\
         --kv-cache-bytes 301989888 --max-model-len 256
 """
@@ -98,12 +98,16 @@ def peak_rss(args: list[str]) -> dict:
     }
 
 
-def export(hf_dir: Path, repo: Path, name: str, fp16: bool) -> None:
-    """``engine export`` under /usr/bin/time -v; prints its peak RSS."""
+def export(hf_dir: Path, repo: Path, name: str, precision: list[str]) -> None:
+    """``engine export`` under /usr/bin/time -v; prints its peak RSS and the files' sizes."""
     args = [sys.executable, "-m", "engine", "export", str(hf_dir), "--repo", str(repo)]
-    args += ["--name", name, "--no-progress", *(["--fp16"] if fp16 else [])]
+    args += ["--name", name, "--no-progress", *precision]
     report = peak_rss(args)
-    print(json.dumps(report))
+    from engine.repository import versions
+
+    version = Path(repo) / name / str(versions(Path(repo), name)[-1])
+    files = {p.name: p.stat().st_size for p in sorted(version.iterdir()) if p.is_file()}
+    print(json.dumps({**report, "version": str(version), "file_bytes": files}))
 
 
 def _status(pid: int) -> dict[str, float]:
@@ -192,6 +196,7 @@ def main() -> None:
     e.add_argument("--repo", type=Path, required=True)
     e.add_argument("--name", default="gpt2-small")
     e.add_argument("--fp16", action="store_true")
+    e.add_argument("--int8", action="store_true")
     s = sub.add_parser("serve", help="engine serve: resident memory under 16 streams")
     s.add_argument("--repo", type=Path, required=True)
     s.add_argument("--model", default="gpt2-small")
@@ -206,7 +211,7 @@ def main() -> None:
         shape = {k: getattr(a, k) for k in GPT2_SMALL}
         build(a.out, a.seed, a.vocab, shape)
     elif a.cmd == "export":
-        export(a.hf_dir, a.repo, a.name, a.fp16)
+        export(a.hf_dir, a.repo, a.name, [f"--{p}" for p in ("fp16", "int8") if getattr(a, p)])
     else:
         serve(a.repo, a.model, a.kv_cache_bytes, a.max_model_len, a.streams, a.tokens, a.port)
 

@@ -172,7 +172,7 @@ def _export(
                 example = arch.example_inputs(config, variant=variant, **TRACE_SIZES)
                 info = trace(module, signature, example, tmp / file, opset)
             with stages.stage(f"optimize {variant}"), _graph_step("optimize", variant):
-                info["optimization"] = optimize(tmp / file)
+                info["optimization"] = optimize(tmp / file, share_transposed=not options.int8)
             if options.fp16:
                 with stages.stage(f"fp16 {variant}"), _graph_step("convert to fp16", variant):
                     info["fp16"] = to_fp16(tmp / file)

@@ -215,11 +215,14 @@ def count_nodes(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def optimize(path: Path) -> dict[str, Any]:
+def optimize(path: Path, share_transposed: bool = True) -> dict[str, Any]:
     """Run onnxruntime's basic (provider-independent) graph pass; keep it if it removed nodes.
 
     Basic level only folds constants and drops redundant nodes, so the result still holds
-    standard ONNX ops only: loadable by any onnxruntime build and by TensorRT's parser.
+    standard ONNX ops only: loadable by any onnxruntime build and by TensorRT's parser. Then a
+    weight stored with its transpose is kept once (:func:`share_transposed_weights`), unless
+    ``share_transposed`` is off: int8 shares a tied table with the head's 8-bit weights itself
+    (``exporters.quantize.quantize_gathers``), which needs the fp32 Gather table to find it.
     """
     import onnxruntime as ort
 
@@ -238,7 +241,7 @@ def optimize(path: Path) -> dict[str, Any]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(out)
-    shared = share_transposed_weights(path)
+    shared = share_transposed_weights(path) if share_transposed else []
     onnx.checker.check_model(str(path))
     return {
         "pass": "onnxruntime ORT_ENABLE_BASIC",
