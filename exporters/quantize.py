@@ -48,6 +48,7 @@ def quantize_graph(path: Path, scheme: QuantScheme = INT8) -> dict[str, Any]:
     before = path.stat().st_size
     model = onnx.load(str(path))
     ops_before = _op_counts(model.graph)
+    unshared = unshare_transposed_tables(model.graph)
     tied = tied_embeddings(model.graph)
     quantizer = nbits.MatMulNBitsQuantizer(
         model,
@@ -72,9 +73,51 @@ def quantize_graph(path: Path, scheme: QuantScheme = INT8) -> dict[str, Any]:
         "matmuls_left_fp32": ops_after.get("MatMul", 0),
         "matmuls_before": ops_before.get("MatMul", 0),
         "gathers": tables,
+        "unshared_tables": unshared,
         "bytes_fp32": before,
         "bytes_int8": path.stat().st_size,
     }
+
+
+def unshare_transposed_tables(graph: onnx.GraphProto) -> list[str]:
+    """Give back a (V, C) lookup table to a tied embedding the fp32 export stored once.
+
+    ``exporters.onnx_graph.share_transposed_weights`` drops the (V, C) table and gathers from
+    the head's (C, V) weight along axis 1, then transposes the rows. A graph exported that way
+    (an fp32 version quantized afterwards) gets the plain ``Gather`` back, so the tied table is
+    found and read from the head's 8-bit weights like any other; the fp32 copy made here is
+    dropped with the other replaced tables.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    restored = []
+    for node in list(graph.node):
+        if node.op_type != "Gather" or _gather_axis(node) != 1 or node.input[0] not in inits:
+            continue
+        weight = inits[node.input[0]]
+        after = consumers.get(node.output[0], [])
+        if len(weight.dims) != 2 or len(after) != 1 or after[0].op_type != "Transpose":
+            continue
+        transpose = after[0]
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [])
+        if not perm or perm != [*range(1, len(perm)), 0]:
+            continue
+        table = numpy_helper.from_array(
+            np.ascontiguousarray(numpy_helper.to_array(weight).T), f"{weight.name}__table"
+        )
+        graph.initializer.append(table)
+        gather = helper.make_node(
+            "Gather", [table.name, node.input[1]], list(transpose.output), name=node.name, axis=0
+        )
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.remove(transpose)
+        graph.node.insert(position, gather)
+        restored.append(weight.name)
+    return restored
 
 
 def tied_embeddings(graph: onnx.GraphProto) -> dict[str, str]:
