@@ -37,17 +37,21 @@ def greedy(
     max_new: int,
     pad_id: int = 1,
     on_step: Callable[[int], None] | None = None,
+    context: int | None = None,
 ) -> np.ndarray:
     """Greedy-decode ``max_new`` tokens for each prompt; return (B, max_new) token ids.
 
     The engine's one decode loop (:class:`engine.graph_decoder.GraphDecoder`) straight on the
     session: nothing between it and onnxruntime. ``on_step(step)`` is called as soon as step
-    ``step``'s tokens exist (benchmarks time it).
+    ``step``'s tokens exist (benchmarks time it). ``context``: the model's positions, which a
+    static batch's long-prompt row must not step past (see ``GraphDecoder.generate``).
     """
     from engine.graph_decoder import GraphDecoder, ort_runner, session_signature
 
     decoder = GraphDecoder(session_signature(session))
-    return decoder.generate(ort_runner(session), prompts, max_new, pad_id, on_step=on_step)
+    return decoder.generate(
+        ort_runner(session), prompts, max_new, pad_id, on_step=on_step, context=context
+    )
 
 
 def main() -> None:

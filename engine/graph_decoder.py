@@ -185,12 +185,17 @@ class GraphDecoder:
         pick: Pick = greedy_pick,
         stop_id: int | None = None,
         on_step: Callable[[int], None] | None = None,
+        context: int | None = None,
     ) -> np.ndarray:
         """Decode up to ``max_new`` tokens for left-padded ``prompts`` at once: (B, steps).
 
         ``pick`` chooses each step's tokens from the last position's logits (greedy by
         default). With ``stop_id``, decoding ends early once every row has produced it (the
         rows keep the tokens after it). ``on_step(step)`` runs as soon as a step's tokens exist.
+        With ``context`` (the model's learned positions), positions stop at ``context - 1``: a
+        static batch runs to its longest output, so a row with a long prompt keeps stepping
+        after its own tokens are done, and those (discarded) tokens must not index past the
+        position table.
         """
         batch, width = len(prompts), max(len(p) for p in prompts)
         ids = np.full((batch, width), pad_id, dtype=np.int64)
@@ -201,7 +206,7 @@ class GraphDecoder:
         positions = np.where(new_mask == 1, np.cumsum(new_mask, axis=1) - 1, 0).astype(np.int64)
         if self.paged:
             return self._generate_paged(
-                run, ids, positions, new_mask, max_new, pick, stop_id, on_step
+                run, ids, positions, new_mask, max_new, pick, stop_id, on_step, context
             )
         length = width + max_new if self.inplace else 0
         cache = self._empty_cache(batch, length)
@@ -230,12 +235,12 @@ class GraphDecoder:
                 filled += seq
             else:
                 cache_valid = np.concatenate([cache_valid, new_mask], axis=1)
-            positions = positions.max(axis=1, keepdims=True) + 1
+            positions = _advance(positions, context)
             ids, new_mask = tokens[:, step : step + 1].copy(), np.ones((batch, 1), np.int64)
         return tokens
 
     def _generate_paged(
-        self, run, ids, positions, new_mask, max_new: int, pick: Pick, stop_id, on_step
+        self, run, ids, positions, new_mask, max_new: int, pick: Pick, stop_id, on_step, context
     ) -> np.ndarray:
         batch = len(ids)
         pool = PagedPool(self, batch, ids.shape[1] + max_new)
@@ -247,9 +252,15 @@ class GraphDecoder:
             if _next_tokens(tokens, step, out[logits_name][:, -1], pick, stopped, stop_id, on_step):
                 return tokens[:, : step + 1]
             pool.append(out, new_mask)
-            positions = positions.max(axis=1, keepdims=True) + 1
+            positions = _advance(positions, context)
             ids, new_mask = tokens[:, step : step + 1].copy(), np.ones((batch, 1), np.int64)
         return tokens
+
+
+def _advance(positions: np.ndarray, context: int | None) -> np.ndarray:
+    """The next step's positions (B, 1): one past each row's last, at most ``context - 1``."""
+    nxt = positions.max(axis=1, keepdims=True) + 1
+    return nxt if context is None else np.minimum(nxt, context - 1)
 
 
 def _next_tokens(tokens, step, logits, pick: Pick, stopped, stop_id, on_step) -> bool:

@@ -32,6 +32,7 @@ class BareLoopBaseline(BatchedBaseline):
         mv = open_version(repo, model)
         self.threads = threads or os.cpu_count() or 1  # the server's default: one per core
         self.pad_id = int(mv.serving.get("pad_token_id", 0))
+        self.context = int(mv.serving["context_length"])
         self.session = load_session(mv.path / mv.graph("default")["file"], self.threads)
 
     def generate_batch(
@@ -39,7 +40,9 @@ class BareLoopBaseline(BatchedBaseline):
     ) -> tuple[list[float], np.ndarray]:
         """One left-padded batch through the bare loop: each step's time and the tokens."""
         times: list[float] = []
-        tokens = greedy(self.session, prompts, output_len, self.pad_id, _stamper(times))
+        tokens = greedy(
+            self.session, prompts, output_len, self.pad_id, _stamper(times), self.context
+        )
         return times, tokens
 
     def describe(self) -> dict[str, Any]:

@@ -131,3 +131,24 @@ def test_goodput_counts_requests_within_the_ttft_and_tpot_limits():
     stats = summarize(records, duration=2.0, slo=Slo(ttft_ms=600, tpot_ms=150))
     assert stats.good == 3 and stats.slo == {"ttft_ms": 600, "tpot_ms": 150}
     assert np.isnan(summarize(records, duration=2.0).goodput)
+
+
+def test_a_static_batch_of_a_long_prompt_and_a_long_output_stays_in_the_context(lm_repo):
+    """The bare loop's batch runs to its longest output; a long prompt's row must not overflow.
+
+    96-token context: a 90-token prompt wanting 4 tokens shares a batch with a 2-token prompt
+    wanting 40, so the long row steps on to position 90 + 40 > 96 (its extra tokens are
+    discarded); the short row's tokens are what it makes alone.
+    """
+    from bench.baselines.bare import BareLoopBaseline
+    from tests.runtime.conftest import MODEL
+
+    bare = BareLoopBaseline(lm_repo, MODEL, threads=1)
+    assert bare.context == 96
+    rng = np.random.default_rng(0)
+    long, short = rng.integers(4, 500, 90).tolist(), [5, 6]
+    _, batch = bare.generate_batch([long, short], 40)
+    _, alone = bare.generate_batch([short], 40)
+    _, long_alone = bare.generate_batch([long], 4)
+    assert batch[1].tolist() == alone[0].tolist()
+    assert batch[0, :4].tolist() == long_alone[0].tolist()
