@@ -44,6 +44,29 @@ class GreedyMismatch(ValidationError):
     """Greedy decoding through the graph and its KV cache picked different tokens than PyTorch."""
 
 
+def greedy_agreement(tokens, expected) -> dict[str, Any]:
+    """Rows of (B, steps) greedy tokens identical to ``expected``, and the share of equal tokens."""
+    same = (tokens == expected).all(axis=1)
+    return {
+        "identical_prompts": int(same.sum()),
+        "token_agreement": float((tokens == expected).mean()),
+    }
+
+
+def require_identical_greedy(tokens, expected, what: str, got: str, ref: str) -> None:
+    """Raise :class:`GreedyMismatch` naming the first row and step where ``tokens`` differ."""
+    same = (tokens == expected).all(axis=1)
+    if same.all():
+        return
+    row = int(same.argmin())
+    step = int((tokens[row] != expected[row]).argmax())
+    raise GreedyMismatch(
+        f"{what}: greedy tokens differ from {ref}'s on {int((~same).sum())} of {len(same)} "
+        f"prompts; prompt {row} first differs at new token {step} ({got} {tokens[row, step]}, "
+        f"{ref} {expected[row, step]})"
+    )
+
+
 class UnknownTask(ValidationError):
     """The architecture's task has no task-level check, so its graphs cannot be validated."""
 

@@ -26,10 +26,11 @@ import numpy as np
 from engine.architecture import ExportSignature
 from exporters.base import (
     AgreementTooLow,
-    GreedyMismatch,
     TensorRTBuildFailed,
     TensorRTUnavailable,
     ValuesMismatch,
+    greedy_agreement,
+    require_identical_greedy,
 )
 
 INSTALL_HINT = (
@@ -327,23 +328,14 @@ def greedy_check(
         got.append(decoder.generate(engine_run, batch, max_new))
         ref.append(decoder.generate(onnx_run, batch, max_new))
     tokens, expected = np.concatenate(got), np.concatenate(ref)
-    same = (tokens == expected).all(axis=1)
     report: dict[str, Any] = {
         "prompts": len(prompts),
         "new_tokens": max_new,
-        "identical_prompts": int(same.sum()),
-        "token_agreement": float((tokens == expected).mean()),
+        **greedy_agreement(tokens, expected),
     }
     if not fp16:
-        if not same.all():
-            row = int(np.argmin(same))
-            step = int(np.argmax(tokens[row] != expected[row]))
-            raise GreedyMismatch(
-                f"TensorRT engine {variant!r} (fp32): greedy tokens differ from onnxruntime's on "
-                f"{int((~same).sum())} of {len(prompts)} prompts; prompt {row} first differs at "
-                f"new token {step} (TensorRT {tokens[row, step]}, onnxruntime "
-                f"{expected[row, step]})"
-            )
+        what = f"TensorRT engine {variant!r} (fp32)"
+        require_identical_greedy(tokens, expected, what, "TensorRT", "onnxruntime")
         return report
     agree, steps = 0, 0
     for i in range(0, len(prompts), max_batch):

@@ -28,6 +28,8 @@ from exporters.base import (
     ShapeMismatch,
     UnknownTask,
     ValuesMismatch,
+    greedy_agreement,
+    require_identical_greedy,
 )
 from exporters.onnx_export import context_length
 from exporters.progress import Stages
@@ -179,11 +181,9 @@ def check_generate(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: 
         decoder = GraphDecoder(g["signature"], {k: v.shape for k, v in example.items()})
         ref_tokens = decoder.generate(g["torch"], prompts, max_new, pad_id)
         tokens = decoder.generate(g["onnx"], prompts, max_new, pad_id)
-        same_rows = (tokens == ref_tokens).all(axis=1)
         entry: dict[str, Any] = {
             "cache": "in place (new keys/values only)" if decoder.inplace else "concatenated",
-            "identical_prompts": int(same_rows.sum()),
-            "token_agreement": float((tokens == ref_tokens).mean()),
+            **greedy_agreement(tokens, ref_tokens),
         }
         if reference is None:
             main, reference = variant, ref_tokens
@@ -195,15 +195,8 @@ def check_generate(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: 
                 f"through graph {main!r} on {int((~same_as_main).sum())} of {len(prompts)} "
                 "prompts, so the two graphs would not serve the same model"
             )
-        if not fp16 and not same_rows.all():
-            row = int(np.argmin(same_rows))
-            step = int(np.argmax(tokens[row] != ref_tokens[row]))
-            raise GreedyMismatch(
-                f"graph {variant!r}: greedy decoding differs from PyTorch on "
-                f"{int((~same_rows).sum())} of {len(prompts)} prompts; prompt {row} first "
-                f"differs at new token {step} (ONNX {tokens[row, step]}, PyTorch "
-                f"{ref_tokens[row, step]})"
-            )
+        if not fp16:
+            require_identical_greedy(tokens, ref_tokens, f"graph {variant!r}", "ONNX", "PyTorch")
         if fp16:
             entry.update(_teacher_forced(decoder, g, prompts, ref_tokens, pad_id, variant))
         report["graphs"][variant] = entry

@@ -21,7 +21,13 @@ import numpy as np
 from engine.errors import EngineError
 from engine.extras import missing_extra
 from engine.hf_family import HFFamily
-from exporters.base import AgreementTooLow, GreedyMismatch, LabelMismatch, ValuesMismatch
+from exporters.base import (
+    AgreementTooLow,
+    LabelMismatch,
+    ValuesMismatch,
+    greedy_agreement,
+    require_identical_greedy,
+)
 
 GREEDY_TOKENS = 64
 FP16_MIN_TOP1 = 0.99
@@ -156,19 +162,10 @@ class TransformersReference:
             example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
             decoder = GraphDecoder(g["signature"], {k: v.shape for k, v in example.items()})
             tokens = decoder.generate(g["onnx"], prompts, max_new, pad_id)
-            same = (tokens == expected).all(axis=1)
-            entry: dict[str, Any] = {
-                "identical_prompts": int(same.sum()),
-                "token_agreement": float((tokens == expected).mean()),
-            }
-            if not fp16 and not same.all():
-                row = int(np.argmin(same))
-                step = int(np.argmax(tokens[row] != expected[row]))
-                raise GreedyMismatch(
-                    f"graph {variant!r}: greedy tokens differ from transformers generate on "
-                    f"{int((~same).sum())} of {len(prompts)} prompts; prompt {row} first differs "
-                    f"at new token {step} (ONNX {tokens[row, step]}, transformers "
-                    f"{expected[row, step]})"
+            entry: dict[str, Any] = greedy_agreement(tokens, expected)
+            if not fp16:
+                require_identical_greedy(
+                    tokens, expected, f"graph {variant!r}", "ONNX", "transformers generate"
                 )
             if fp16:
                 with torch.no_grad():
