@@ -52,6 +52,18 @@ def bare_run(session, prompts: list[list[int]], new: int) -> tuple[float, float,
     return first, time.perf_counter() - t0, tokens
 
 
+def cpu_timed(run, *args) -> tuple[float, tuple]:
+    """(process CPU seconds, result) of ``run(*args)``: every thread of this process counted.
+
+    CPU time barely moves when other jobs share the host, where wall time drifts up to 2x: the
+    figure to compare variants by on a busy machine (with ``--threads 1 --no-spin``, so idle
+    onnxruntime threads burn nothing).
+    """
+    c0 = time.process_time()
+    result = run(*args)
+    return time.process_time() - c0, result
+
+
 def engine_run(engine, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
     """(seconds to the first token, seconds in all, tokens) through the async API."""
     from engine.runtime import SamplingParams
@@ -76,15 +88,19 @@ def engine_run(engine, prompts: list[list[int]], new: int) -> tuple[float, float
     return max(first), time.perf_counter() - t0, tokens
 
 
-def summarize(batch: int, new: int, runs: list[tuple[float, float]]) -> dict[str, float]:
-    """Median and best tokens/s and decode time per output token (first token excluded)."""
-    rates = [batch * new / total for _, total in runs]
-    tpots = [1e3 * (total - first) / (new - 1) for first, total in runs]
+def summarize(batch: int, new: int, runs: list[tuple[float, float, float]]) -> dict[str, float]:
+    """Median and best tokens/s, decode time per output token (first token excluded) and
+    process CPU time per output token, from (first, total, cpu) seconds per run."""
+    rates = [batch * new / total for _, total, _ in runs]
+    tpots = [1e3 * (total - first) / (new - 1) for first, total, _ in runs]
+    cpus = [1e3 * cpu / (batch * new) for _, _, cpu in runs]
     return {
         "tok_s": statistics.median(rates),
         "tok_s_best": max(rates),
         "tpot_ms": statistics.median(tpots),
         "tpot_ms_best": min(tpots),
+        "cpu_ms_per_token": statistics.median(cpus),
+        "cpu_ms_per_token_best": min(cpus),
     }
 
 
@@ -136,20 +152,28 @@ def main() -> None:
         "bare TPOT ms",
         "engine TPOT",
         "ratio",
+        "bare CPU ms/tok",
+        "engine CPU",
+        "ratio",
     )
-    print("{:>5} {:>16} {:>16} {:>11} {:>15} {:>15} {:>11} same".format(*header))
+    row = "{:>5} {:>16} {:>16} {:>11} {:>15} {:>15} {:>11} {:>15} {:>15} {:>11}"
+    print((row + " same").format(*header))
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": []}
     for batch in args.batches:
         bare, eng, same = [], [], True
         for _ in range(args.repeats):
             # each side's onnxruntime threads spin a while after a run: let them park first
             time.sleep(0.3)
-            b_first, b_all, b_tokens = bare_run(session, prompts[:batch], args.new)
+            b_cpu, (b_first, b_all, b_tokens) = cpu_timed(
+                bare_run, session, prompts[:batch], args.new
+            )
             time.sleep(0.3)
-            e_first, e_all, e_tokens = engine_run(engine, prompts[:batch], args.new)
+            e_cpu, (e_first, e_all, e_tokens) = cpu_timed(
+                engine_run, engine, prompts[:batch], args.new
+            )
             same &= b_tokens.tolist() == e_tokens
-            bare.append((b_first, b_all))
-            eng.append((e_first, e_all))
+            bare.append((b_first, b_all, b_cpu))
+            eng.append((e_first, e_all, e_cpu))
         b, e = summarize(batch, args.new, bare), summarize(batch, args.new, eng)
         report["rows"].append({"batch": batch, "bare": b, "engine": e, "same_tokens": same})
 
@@ -163,15 +187,23 @@ def main() -> None:
             pair(b["tpot_ms"], b["tpot_ms_best"], ".2f"),
             pair(e["tpot_ms"], e["tpot_ms_best"], ".2f"),
             pair(e["tpot_ms"] / b["tpot_ms"], e["tpot_ms_best"] / b["tpot_ms_best"], ".2f"),
+            pair(b["cpu_ms_per_token"], b["cpu_ms_per_token_best"], ".3f"),
+            pair(e["cpu_ms_per_token"], e["cpu_ms_per_token_best"], ".3f"),
+            pair(
+                e["cpu_ms_per_token"] / b["cpu_ms_per_token"],
+                e["cpu_ms_per_token_best"] / b["cpu_ms_per_token_best"],
+                ".2f",
+            ),
         ]
-        print("{:>5} {:>16} {:>16} {:>11} {:>15} {:>15} {:>11} {}".format(batch, *cells, same))
+        print((row + " {}").format(batch, *cells, same))
     d = engine.describe()
     report["kv"] = d
-    print(
-        f"# KV pool {d['kv_cache_bytes'] / 2**20:.2f} MiB preallocated ({d['kv_blocks']} blocks "
-        f"x {d['kv_block_size']} tokens) = the budget; peak in use "
-        f"{d['kv_peak_bytes'] / 2**20:.2f} MiB; preemptions {d['preemptions']}"
-    )
+    if "kv_blocks" in d:  # an engine from before paged KV (run for a before/after) has none
+        print(
+            f"# KV pool {d['kv_cache_bytes'] / 2**20:.2f} MiB preallocated ({d['kv_blocks']} "
+            f"blocks x {d['kv_block_size']} tokens) = the budget; peak in use "
+            f"{d['kv_peak_bytes'] / 2**20:.2f} MiB; preemptions {d['preemptions']}"
+        )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -33,7 +33,11 @@ from engine.runtime.scheduler import SchedulerOutput
 from engine.serving_contract import KV_INPUTS
 
 _TOKEN_INPUTS = KV_INPUTS  # the paged graph's inputs besides the cache pools
-BINDING_BLOCKS = 8  # a decode step binds the pool up to a multiple of this many blocks
+# A decode step binds the pool up to a multiple of min(this, rows) blocks: with many rows a
+# block is allocated almost every step, and rounding up keeps the binding for several steps;
+# one row's new block changes its table width anyway, so there the pool is bound exactly
+# (every block past the last used one would be scored, then discarded).
+BINDING_BLOCKS = 8
 
 
 @dataclass(frozen=True)
@@ -312,7 +316,8 @@ class ModelRunner(SlotRunner):
         np.copyto(table, self.table[slots, :nb])
         table[np.arange(nb)[None, :] >= cache_blocks[:, None]] = 0  # past a row's cache
         used = int(table.max()) + 1
-        P = min(self.num_blocks, -(-used // BINDING_BLOCKS) * BINDING_BLOCKS)
+        step = min(BINDING_BLOCKS, n)
+        P = min(self.num_blocks, -(-used // step) * step)
         # Each pool block below P: the batch row owning it, if its tokens are that row's cache
         # (the block a row's new token goes to is not, yet); -1 otherwise.
         self._row_of_slot[slots] = np.arange(n)

@@ -65,6 +65,23 @@ def test_io_binding_and_plain_runs_give_the_same_tokens_as_slots_come_and_go(lm_
     assert [len(r) for r in results[0]] == [3, 20, 7, 3, 20, 7]
 
 
+def test_a_lone_decode_binds_only_the_pool_blocks_its_sequence_holds(lm_repo, prompts):
+    """Every pool block bound is scored by the graph: one row binds exactly its own blocks."""
+    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
+    seen = []
+    run = engine.runner.backend.run
+
+    def spy(feeds, *args, **kwargs):
+        if feeds["input_ids"].shape == (1, 1):  # a one-row decode step
+            seen.append((len(feeds["block_owner"]), int(feeds["block_table"].max()) + 1))
+        return run(feeds, *args, **kwargs)
+
+    engine.runner.backend.run = spy
+    engine.generate_all([prompts[1]], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert len(seen) == 39 and {used for _, used in seen} == {2, 3, 4}  # 17 -> 56 tokens
+    assert all(bound == used for bound, used in seen)
+
+
 def test_a_seeded_request_is_reproducible_alone_and_among_16_mixed_requests(lm_repo, prompts):
     engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
     target = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=30, ignore_eos=True)

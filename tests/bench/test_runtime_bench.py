@@ -1,0 +1,32 @@
+"""bench/runtime_bench.py's figures: speed and CPU time per output token from timed runs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import runtime_bench  # noqa: E402
+
+
+def test_summaries_give_medians_and_bests_of_rate_tpot_and_cpu_per_token():
+    # (first-token s, total s, CPU s) of three runs of 4 rows x 10 new tokens
+    runs = [(0.1, 1.0, 0.8), (0.2, 2.0, 0.4), (0.1, 0.5, 1.2)]
+    s = runtime_bench.summarize(4, 10, runs)
+    assert s["tok_s"] == pytest.approx(40.0) and s["tok_s_best"] == pytest.approx(80.0)
+    assert s["tpot_ms"] == pytest.approx(100.0) and s["tpot_ms_best"] == pytest.approx(400 / 9)
+    assert s["cpu_ms_per_token"] == pytest.approx(20.0)
+    assert s["cpu_ms_per_token_best"] == pytest.approx(10.0)
+
+
+def test_cpu_timing_counts_work_done_not_time_asleep():
+    def work():
+        return sum(i * i for i in range(200_000))
+
+    cpu, result = runtime_bench.cpu_timed(work)
+    assert result == work() and cpu > 0
+    asleep, _ = runtime_bench.cpu_timed(time.sleep, 0.2)
+    assert asleep < 0.05
