@@ -9,7 +9,8 @@ engine runs go through the async API: that many concurrent ``engine.generate`` s
     python bench/runtime_bench.py --repo REPO --model lm [--build]   # --build makes REPO first
 
 ``--build`` trains the default decoder-lm shape for one step (random-ish weights; speed does
-not depend on them) with ``block_size=192`` so 32 + 128 tokens fit, and exports it.
+not depend on them) with ``block_size=192`` (``--context``) so 32 + 128 tokens fit, and
+exports it.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, required=True)
     ap.add_argument("--model", default="lm")
     ap.add_argument("--build", action="store_true", help="train + export the model first")
+    ap.add_argument("--context", type=int, default=192, help="--build: the model's context")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -118,7 +120,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     if args.build:
-        build_repo(args.repo, args.model, context=192)
+        build_repo(args.repo, args.model, context=args.context)
 
     from engine.repository import read_manifest, version_dir
     from engine.runtime import EngineConfig, LLMEngine

@@ -143,8 +143,9 @@ def test_a_killed_replica_costs_its_requests_only_and_ray_replaces_it(ray_server
         t.join(180)
     failed = [o for o in outcomes if o[2] != "OK"]
     assert all(o[3] == 100 for o in outcomes if o[2] == "OK")
-    # at most what was in flight when it died: one stream per worker
-    assert 1 <= len(failed) <= WORKERS, failed
+    # at most what the victim had in flight when it died fails: one stream per worker, or none
+    # if Ray's router had just sent every stream to the other replica (seen on a loaded host)
+    assert len(failed) <= WORKERS, failed
     assert all(o[2] in ("UNAVAILABLE", "INTERNAL") for o in failed), failed
     assert all(o[0] <= killed_at + 1.0 for o in failed), (killed_at, failed)
     later = [o for o in outcomes if o[0] > killed_at + 1.0]
