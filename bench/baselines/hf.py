@@ -111,6 +111,35 @@ def load_gpt2(weights: Path, device: str = "cpu", dtype: Any = None) -> tuple[An
     return hf.to(device=device, dtype=dtype).eval(), pad_id
 
 
+def clamp_positions(model: Any) -> None:
+    """Make ``model`` clamp its position ids to its last position (in place).
+
+    A static batch runs until its longest request has all its tokens, so a row with a long
+    prompt keeps stepping past its own output and can reach positions past the context, where
+    GPT-2's position table ends (an IndexError that fails the whole batch). Those steps' tokens
+    are discarded; a row's own tokens never reach the clamp (each request fits the context), so
+    it changes no token that is kept (as ``GraphDecoder.generate(context=)`` for the bare loop).
+    transformers computes the ids inside the model: the clamp is a pre-hook on GPT-2's position
+    table; a runtime without one (Optimum's onnxruntime model) gets them as ``position_ids``.
+    """
+    limit = int(getattr(model.config, "n_positions", 0) or 0)
+    if not limit:
+        return
+    table = getattr(getattr(model, "transformer", None), "wpe", None)
+    if table is not None:
+        table.register_forward_pre_hook(lambda _, args: (args[0].clamp(max=limit - 1),))
+        return
+    forward = model.forward
+
+    def clamped(*args: Any, **kwargs: Any) -> Any:
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            kwargs["position_ids"] = positions.clamp(max=limit - 1)
+        return forward(*args, **kwargs)
+
+    model.forward = clamped
+
+
 def torch_dtype(name: Any, device: str) -> Any:
     """A torch dtype from a name (float16, fp16, ...) or None: float16 on CUDA, else float32."""
     import torch
@@ -178,6 +207,7 @@ class HFGenerate(BatchedBaseline):
         self.device, self.threads, self.dtype = device, threads, dtype
         self.weights = find_weights(repo, model, checkpoint)
         self.model, self.pad_id = self._load()
+        clamp_positions(self.model)
 
     @staticmethod
     def why_unavailable(device: str) -> str | None:

@@ -51,6 +51,16 @@ def test_greedy_tokens_equal_the_bare_loop_alone_and_left_padded(hf, session, pr
     assert len(np.unique(expected)) > 20 and len(times) == NEW
 
 
+def test_a_static_batch_stepping_past_the_context_keeps_every_requests_tokens(hf, session):
+    """A batch runs until its longest output ends: the long prompt's row steps on past the
+    context (the tiny LM's is 96), which must not fail the batch or change any kept token."""
+    rng = np.random.default_rng(5)
+    long, short = rng.integers(4, 8000, 90).tolist(), rng.integers(4, 8000, 5).tolist()
+    tokens, _ = hf.generate([long, short], 20)  # the long row reaches position 109
+    assert tokens[0, :6].tolist() == greedy(session, [long], 6, hf.pad_id)[0].tolist()
+    assert tokens[1].tolist() == greedy(session, [short], 20, hf.pad_id)[0].tolist()
+
+
 def test_run_records_one_timestamp_per_token_per_request(hf, prompts):
     records = hf.run(prompts, 4, concurrency=2)
     assert [r.prompt_tokens for r in records] == list(LENGTHS)
