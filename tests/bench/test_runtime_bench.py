@@ -11,6 +11,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import runtime_bench  # noqa: E402
 
+from tests.runtime import conftest as runtime  # noqa: E402
+from tests.runtime.conftest import MODEL  # noqa: E402
+
+lm_repo = runtime.lm_repo  # the runtime tests' session fixture: a tiny exported LM
+
 
 def test_summaries_give_medians_and_bests_of_rate_tpot_and_cpu_per_token():
     # (first-token s, total s, CPU s) of three runs of 4 rows x 10 new tokens
@@ -30,3 +35,22 @@ def test_cpu_timing_counts_work_done_not_time_asleep():
     assert result == work() and cpu > 0
     asleep, _ = runtime_bench.cpu_timed(time.sleep, 0.2)
     assert asleep < 0.05
+
+
+def test_step_overhead_runs_the_engine_with_each_graph_shape_run_once(lm_repo):
+    import step_overhead
+
+    from engine.runtime import EngineConfig, LLMEngine
+
+    engine = LLMEngine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
+    calls = []
+    run = engine.runner.backend.run
+    engine.runner.backend.run = lambda feeds, *a, **k: calls.append(1) or run(feeds, *a, **k)
+    step_overhead.stub_backend(engine.runner)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    assert step_overhead.per_step(engine, prompts, 20) > 0
+    first = len(calls)
+    assert 0 < first < 20  # a prefill and the decode shapes, not one call per step
+    step_overhead.per_step(engine, prompts, 20)
+    assert len(calls) == first  # the same shapes again: the graph is not run at all
+    assert not engine.has_unfinished and engine.kv_stats().used_blocks == 0
