@@ -1,4 +1,4 @@
-"""bench/runtime_bench.py's figures: speed and CPU time per output token from timed runs."""
+"""The decode-speed tools: runtime_bench's figures, step_overhead's stub, matmul_alpha's graphs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -54,3 +55,12 @@ def test_step_overhead_runs_the_engine_with_each_graph_shape_run_once(lm_repo):
     step_overhead.per_step(engine, prompts, 20)
     assert len(calls) == first  # the same shapes again: the graph is not run at all
     assert not engine.has_unfinished and engine.kv_stats().used_blocks == 0
+
+
+def test_matmul_alpha_times_the_scaled_product_it_claims():
+    import matmul_alpha
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 3, 1, 4), np.float32), rng.random((2, 3, 5, 4), np.float32)
+    c = matmul_alpha.session(a.shape, b.shape, 0.125).run(None, {"a": a, "b": b})[0]
+    np.testing.assert_allclose(c, 0.125 * a @ b.swapaxes(-1, -2), rtol=1e-5)
