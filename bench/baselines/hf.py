@@ -19,6 +19,7 @@ exist, as a streamer would see them.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,7 @@ def clamp_positions(model: Any) -> None:
         return
     forward = model.forward
 
+    @functools.wraps(forward)  # generate reads the signature to check its arguments
     def clamped(*args: Any, **kwargs: Any) -> Any:
         positions = kwargs.get("position_ids")
         if positions is not None:

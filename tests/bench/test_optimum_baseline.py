@@ -54,6 +54,11 @@ def test_greedy_tokens_equal_the_bare_loop_alone_and_left_padded(lm_repo, lm_tor
         assert tokens.tolist() == greedy(session, prompts, NEW, ort.pad_id).tolist()
         records = ort.run(prompts, 3, concurrency=4)
         assert [r.output_tokens for r in records] == [3] * 4
+        # a long prompt's row stepping past the context (96) for the batch's longest output
+        long, short = rng.integers(4, 8000, 90).tolist(), rng.integers(4, 8000, 5).tolist()
+        tokens, _ = ort.generate([long, short], 20)
+        assert tokens[0, :6].tolist() == greedy(session, [long], 6, ort.pad_id)[0].tolist()
+        assert tokens[1].tolist() == greedy(session, [short], 20, ort.pad_id)[0].tolist()
         assert ort.describe()["optimum-onnx"] == "0.1.0"
     finally:
         ort.close()
