@@ -10,8 +10,10 @@ Hand-off, both ways cheap:
 * in: ``generate`` adds the request under the engine's lock (bad input raises right there)
   and wakes the thread; the next step schedules it. Aborts take the same lock.
 * out: each step's outputs go back to the event loop in one ``call_soon_threadsafe``
-  callback, which gives each stream its output. A stream whose consumer fell behind (a slow
-  client) finds what piled up merged into one output: fewer, larger messages, no backlog.
+  callback, which gives each stream its output; a step that admits requests while others
+  decode posts the newcomers' first tokens first, right after their prefill (``emit``). A
+  stream whose consumer fell behind (a slow client) finds what piled up merged into one
+  output: fewer, larger messages, no backlog.
 
 The thread parks on an event while nothing is in flight and exits after ``IDLE_EXIT_S`` idle.
 """
@@ -162,7 +164,7 @@ class AsyncFront:
                 return
             while engine.has_unfinished and not self._closed:
                 try:
-                    outputs = engine.step()
+                    outputs = engine.step(emit=self.emit)  # first tokens go out early
                 except Exception as exc:  # fail every stream rather than hang them
                     engine.drop_all()
                     self._post(self._fail_all, exc)

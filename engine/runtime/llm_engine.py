@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,9 +194,14 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     # -- the step -----------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(
+        self, emit: Callable[[list[RequestOutput]], None] | None = None
+    ) -> list[RequestOutput]:
         """Schedule, execute and update once; return the outputs of the requests that moved.
 
+        With ``emit``, a step that both admits requests and decodes running ones hands the new
+        requests' first tokens to ``emit`` as soon as their prefill is sampled, before the
+        decode graph runs: a request's time to first token then skips the batch's decode.
         Safe to call while other threads add or abort requests: a request aborted while the
         graph runs gets no output from this step.
         """
@@ -205,7 +210,16 @@ class LLMEngine:
                 out, slots = self._schedule()
             if out is None:
                 return []
-            sampled = self.runner.execute(out, slots)  # the GIL is released while a graph runs
+            if emit is not None and out.prefill and out.decode:
+                n = len(out.prefill)
+                first = SchedulerOutput(prefill=out.prefill)
+                sampled = self.runner.execute(first, slots[:n])  # the GIL is released meanwhile
+                with self._lock:
+                    outputs = self._update(first, sampled, new_step=False)
+                if outputs:
+                    emit(outputs)
+                out, slots = SchedulerOutput(decode=out.decode), slots[n:]
+            sampled = self.runner.execute(out, slots)
             with self._lock:
                 return self._update(out, sampled)
 
@@ -233,11 +247,13 @@ class LLMEngine:
         slots = np.fromiter((self._slots[r.request_id] for r in requests), np.int64, len(requests))
         return out, slots
 
-    def _update(self, out: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
+    def _update(
+        self, out: SchedulerOutput, sampled: SamplerOutput, new_step: bool = True
+    ) -> list[RequestOutput]:
         requests = out.requests
         token_ids = sampled.token_ids.tolist()
         self.scheduler.update(out, token_ids)
-        self.num_steps += 1
+        self.num_steps += new_step
         return self.outputs.step_outputs(requests, token_ids, sampled)
 
     # -- synchronous convenience -------------------------------------------------------------------

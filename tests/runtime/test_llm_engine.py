@@ -65,6 +65,42 @@ def test_io_binding_and_plain_runs_give_the_same_tokens_as_slots_come_and_go(lm_
     assert [len(r) for r in results[0]] == [3, 20, 7, 3, 20, 7]
 
 
+def test_a_request_admitted_while_others_decode_gets_its_first_token_before_their_decode(
+    lm_repo, prompts
+):
+    """With ``emit``, a mixed step hands out the newcomers' first tokens between the prefill
+    and the decode graph: their time to first token skips the running batch's decode."""
+    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
+    events = []
+    execute = engine.runner.execute
+
+    def spy(out, slots):
+        events.append(("prefill" if out.prefill else "", "decode" if out.decode else ""))
+        return execute(out, slots)
+
+    engine.runner.execute = spy
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    running = engine.add_request(prompts[0], params)
+    engine.step()  # its prefill
+    newcomer = engine.add_request(prompts[1], params)
+    events.clear()
+    emitted = []
+    returned = engine.step(emit=lambda outs: emitted.append((list(events), outs)))
+    assert events == [("prefill", ""), ("", "decode")]  # two graph calls, prefill first
+    ((before, outs),) = emitted
+    assert before == [("prefill", "")]  # emitted before the decode ran
+    assert [o.request_id for o in outs] == [newcomer] and len(outs[0].token_ids) == 1
+    assert [o.request_id for o in returned] == [running]
+    assert engine.num_steps == 2
+    final = {}
+    while engine.has_unfinished:
+        final.update({o.request_id: o.token_ids for o in engine.step(emit=lambda o: None)})
+    alone = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
+    assert [final[running], final[newcomer]] == [
+        o.token_ids for o in alone.generate_all(prompts[:2], params)
+    ]
+
+
 def test_a_lone_decode_binds_only_the_pool_blocks_its_sequence_holds(lm_repo, prompts):
     """Every pool block bound is scored by the graph: one row binds exactly its own blocks."""
     engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
