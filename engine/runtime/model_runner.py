@@ -105,6 +105,30 @@ def pack_prompts(
     return ids, lens
 
 
+# What one more prefill graph call costs, in padded token positions it would save: the
+# fixed cost of a call (feeds, dispatch of every node) is that of a few dozen tokens' compute.
+GROUP_CALL_TOKENS = 64
+
+
+def length_groups(lens: np.ndarray, call_tokens: int = GROUP_CALL_TOKENS) -> list[np.ndarray]:
+    """Split prefill rows into groups of similar length (each group one graph call).
+
+    Rows are taken shortest first; a row starts a new group when lifting the current group
+    to its length would pad more positions than ``call_tokens`` (what a separate call costs).
+    One group when the lengths are close; a long prompt among short ones runs alone.
+    """
+    order = np.argsort(lens, kind="stable")
+    groups, start, width = [], 0, int(lens[order[0]])
+    for i in range(1, len(order)):
+        length = int(lens[order[i]])
+        if (i - start) * (length - width) > call_tokens:
+            groups.append(order[start:i])
+            start = i
+        width = length
+    groups.append(order[start:])
+    return groups
+
+
 class SlotRunner(ABC):
     """What every runner shares: per-slot decode state and the step that samples from it.
 
@@ -245,10 +269,28 @@ class ModelRunner(SlotRunner):
 
     # -- prefill --------------------------------------------------------------------------------
     def _prefill(self, out: SchedulerOutput, slots: np.ndarray) -> np.ndarray:
-        """Compute each prompt's uncached tokens (right-padded); return last-token logits."""
+        """Compute each prompt's uncached tokens (right-padded); return last-token logits.
+
+        Prompts of very different lengths run as separate graph calls (:func:`length_groups`):
+        one batch pads every row to the longest, and the graph computes every padded
+        position through every layer and the vocabulary head.
+        """
         requests = out.prefill
         cached = np.array([r.num_computed_tokens for r in requests], np.int64)
         ids, lens = pack_prompts(requests, slots, self.pad_token_id, self.sampling, cached)
+        logits = np.empty((len(requests), self._logits.shape[-1]), np.float32)
+        for rows in length_groups(lens):
+            S = int(lens[rows].max())
+            logits[rows] = self._prefill_rows(ids[rows, :S], lens[rows], cached[rows], slots[rows])
+        self.length[slots] = cached + lens
+        self.steps[slots] = [r.num_output_tokens for r in requests]
+        return logits
+
+    def _prefill_rows(
+        self, ids: np.ndarray, lens: np.ndarray, cached: np.ndarray, slots: np.ndarray
+    ) -> np.ndarray:
+        """One prefill graph call over right-padded ``ids``; write the new keys/values into
+        the pool and return each row's last-token logits."""
         n, S = ids.shape
         bs = self.block_size
         arange = np.arange(S, dtype=np.int64)
@@ -280,8 +322,6 @@ class ModelRunner(SlotRunner):
         pos = cached[rows] + cols
         blocks = self.table[slots[rows], pos // bs]
         self.pool.write(blocks, pos % bs, picked)
-        self.length[slots] = cached + lens
-        self.steps[slots] = [r.num_output_tokens for r in requests]
         return result[self.graph.logits][np.arange(n), lens - 1]
 
     def _prefill_cache(self, slots: np.ndarray, cached_blocks: np.ndarray) -> dict:

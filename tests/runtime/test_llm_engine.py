@@ -101,6 +101,33 @@ def test_a_request_admitted_while_others_decode_gets_its_first_token_before_thei
     ]
 
 
+def test_prompts_of_very_different_lengths_prefill_in_separate_calls_with_the_same_tokens(
+    lm_repo, prompts
+):
+    """Padding a 1-token prompt to a 40-token one wastes 39 positions through the whole model:
+    such a step runs one graph call per length group, and every token stays the same."""
+    from engine.runtime.model_runner import length_groups
+
+    groups = length_groups(np.array([40, 3, 17, 9, 1, 26]))
+    assert sorted(np.concatenate(groups).tolist()) == list(range(6))
+    assert [g.tolist() for g in groups] == [[4, 1, 3, 2, 5], [0]]  # shortest first; 40 alone
+    assert len(length_groups(np.array([30] * 16))) == 1
+    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
+    widths = []
+    run = engine.runner.backend.run
+
+    def spy(feeds, *args, **kwargs):
+        widths.append(feeds["input_ids"].shape)
+        return run(feeds, *args, **kwargs)
+
+    engine.runner.backend.run = spy
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = engine.generate_all([prompts[4], prompts[3], prompts[0]], params)  # 1, 40, 3 tokens
+    assert widths[:2] == [(2, 3), (1, 40)]  # one step, two prefill calls
+    alone = [engine.generate_all([p], params)[0].token_ids for p in (prompts[4], prompts[3])]
+    assert [o.token_ids for o in outs[:2]] == alone
+
+
 def test_a_lone_decode_binds_only_the_pool_blocks_its_sequence_holds(lm_repo, prompts):
     """Every pool block bound is scored by the graph: one row binds exactly its own blocks."""
     engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
