@@ -23,6 +23,7 @@ from exporters.base import (
     check_serving_keys,
     copy_artifact,
 )
+from exporters.memory import release_memory
 from exporters.onnx_graph import DEFAULT_OPSET, graph_io, optimize, to_fp16, trace
 from exporters.progress import Stages
 from exporters.provenance import (
@@ -171,14 +172,18 @@ def _export(
                 module = arch.export_module(model, config, variant).eval()
                 example = arch.example_inputs(config, variant=variant, **TRACE_SIZES)
                 info = trace(module, signature, example, tmp / file, opset)
+            release_memory()  # each stage's garbage goes back before the next stage allocates
             with stages.stage(f"optimize {variant}"), _graph_step("optimize", variant):
                 info["optimization"] = optimize(tmp / file, share_transposed=not options.int8)
+            release_memory()
             if options.fp16:
                 with stages.stage(f"fp16 {variant}"), _graph_step("convert to fp16", variant):
                     info["fp16"] = to_fp16(tmp / file)
+                release_memory()
             if options.int8:
                 with stages.stage(f"int8 {variant}"), _graph_step("quantize to int8", variant):
                     info["int8"] = quantize_graph(tmp / file)
+                release_memory()
             tolerance = {
                 k: getattr(signature, k) for k in ("atol", "rtol", "fp16_atol", "fp16_rtol")
             }

@@ -231,6 +231,10 @@ def optimize(path: Path, share_transposed: bool = True) -> dict[str, Any]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
     options.intra_op_num_threads = 1
+    # the session only writes the optimized graph and never runs: prepacking MatMul weights
+    # would copy them for nothing (measured: peak 1,480 -> 1,008 MiB on a 474 MiB GPT-2 small
+    # graph; the written graph is byte-identical)
+    options.add_session_config_entry("session.disable_prepacking", "1")
     before = count_nodes(path)
     try:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -323,16 +327,19 @@ def to_fp16(path: Path) -> dict[str, Any]:
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(path))
     before = path.stat().st_size
     blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns for every constant it clamps to fp16 range
-        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked)
+        # given the path, shape inference runs file to file (infer_shapes_path) and only the
+        # inferred model is loaded: given a loaded model, it serialized and re-parsed the
+        # whole graph beside it (1.8 GiB over the fp32 weights at GPT-2 small, not 0.9)
+        half = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=blocked)
     _sort_topologically(half.graph)  # the converter appends its input casts at the end
+    kept = sorted({n.op_type for n in half.graph.node if n.op_type in FP16_KEEP_FP32})
     onnx.save(half, str(path))
+    del half
     onnx.checker.check_model(str(path))
-    kept = sorted({n.op_type for n in model.graph.node if n.op_type in FP16_KEEP_FP32})
     return {
         "converter": "onnxruntime.transformers.float16",
         "keep_io_types": True,

@@ -31,6 +31,7 @@ from exporters.base import (
     greedy_agreement,
     require_identical_greedy,
 )
+from exporters.memory import release_memory
 from exporters.onnx_export import context_length
 from exporters.progress import Stages
 
@@ -164,43 +165,72 @@ def _prompts(serving: dict[str, Any], ckpt_dir: Path, vocab: int, longest: int) 
     return prompts
 
 
-def check_generate(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bool) -> dict:
-    """Greedy tokens through each graph's KV cache equal PyTorch's (fp32) or top-1 agrees (fp16)."""
-    serving = arch.serving_metadata(config, ckpt_dir)
-    ctx = context_length(serving) or 10**9
-    max_new = min(GREEDY_TOKENS, ctx // 2)
-    first = next(iter(graphs.values()))["signature"]
-    vocab = first.outputs[0].shape[-1]
-    vocab = vocab if isinstance(vocab, int) else int(serving["vocab_size"])
-    pad_id = int(serving.get("pad_token_id", 0))
-    prompts = _prompts(serving, ckpt_dir, vocab, min(24, ctx - max_new))
-    report: dict[str, Any] = {"prompts": len(prompts), "new_tokens": max_new, "graphs": {}}
-    reference, main = None, ""
-    for variant, g in graphs.items():
-        example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
+class GenerateCheck:
+    """Greedy tokens through each graph's KV cache equal PyTorch's (fp32) or top-1 agrees (fp16).
+
+    Graph by graph (:meth:`add`), so validation holds one onnxruntime session at a time; every
+    graph's PyTorch tokens must also equal the first graph's (they serve the same model).
+    """
+
+    def __init__(self, arch, config, ckpt_dir: Path, fp16: bool):
+        self.arch, self.config, self.ckpt_dir, self.fp16 = arch, config, Path(ckpt_dir), fp16
+        self.serving = arch.serving_metadata(config, ckpt_dir)
+        ctx = context_length(self.serving) or 10**9
+        self.max_new = min(GREEDY_TOKENS, ctx // 2)
+        self.pad_id = int(self.serving.get("pad_token_id", 0))
+        self.longest = min(24, ctx - self.max_new)
+        self.prompts: list[list[int]] | None = None  # drawn at the first graph (its vocabulary)
+        self.reference: np.ndarray | None = None  # the first graph's PyTorch tokens
+        self.main = ""
+        self.graphs: dict[str, dict] = {}
+
+    def add(self, variant: str, g: dict) -> None:
+        """Check one graph (its ``signature``, ``onnx`` and ``torch`` runners)."""
+        if self.prompts is None:
+            vocab = g["signature"].outputs[0].shape[-1]
+            vocab = vocab if isinstance(vocab, int) else int(self.serving["vocab_size"])
+            self.prompts = _prompts(self.serving, self.ckpt_dir, vocab, self.longest)
+        prompts, pad_id = self.prompts, self.pad_id
+        example = self.arch.example_inputs(self.config, 1, 1, 0, seed=0, variant=variant)
         decoder = GraphDecoder(g["signature"], {k: v.shape for k, v in example.items()})
-        ref_tokens = decoder.generate(g["torch"], prompts, max_new, pad_id)
-        tokens = decoder.generate(g["onnx"], prompts, max_new, pad_id)
+        ref_tokens = decoder.generate(g["torch"], prompts, self.max_new, pad_id)
+        tokens = decoder.generate(g["onnx"], prompts, self.max_new, pad_id)
         entry: dict[str, Any] = {
             "cache": "in place (new keys/values only)" if decoder.inplace else "concatenated",
             **greedy_agreement(tokens, ref_tokens),
         }
-        if reference is None:
-            main, reference = variant, ref_tokens
-        same_as_main = (ref_tokens == reference).all(axis=1)
+        if self.reference is None:
+            self.main, self.reference = variant, ref_tokens
+        same_as_main = (ref_tokens == self.reference).all(axis=1)
         entry["torch_matches_main_graph_torch"] = bool(same_as_main.all())
         if not same_as_main.all():  # the runtime serves this graph: it must be the same model
             raise GreedyMismatch(
                 f"graph {variant!r}: PyTorch through its wrapper picks other greedy tokens than "
-                f"through graph {main!r} on {int((~same_as_main).sum())} of {len(prompts)} "
+                f"through graph {self.main!r} on {int((~same_as_main).sum())} of {len(prompts)} "
                 "prompts, so the two graphs would not serve the same model"
             )
-        if not fp16:
+        if not self.fp16:
             require_identical_greedy(tokens, ref_tokens, f"graph {variant!r}", "ONNX", "PyTorch")
-        if fp16:
+        if self.fp16:
             entry.update(_teacher_forced(decoder, g, prompts, ref_tokens, pad_id, variant))
-        report["graphs"][variant] = entry
-    return report
+        self.graphs[variant] = entry
+
+    def result(self) -> dict:
+        """The manifest's figures for every graph added."""
+        prompts = len(self.prompts or [])
+        return {"prompts": prompts, "new_tokens": self.max_new, "graphs": self.graphs}
+
+
+def check_generate(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bool) -> dict:
+    """:class:`GenerateCheck` over ``graphs`` (each with its runners open)."""
+    return _run_check(GenerateCheck(arch, config, ckpt_dir, fp16), graphs)
+
+
+def _run_check(check: Any, graphs: dict[str, dict]) -> dict:
+    """Add every graph to a per-graph check, in order; return its figures."""
+    for variant, g in graphs.items():
+        check.add(variant, g)
+    return check.result()
 
 
 def _teacher_forced(decoder, g, prompts, continuation, pad_id: int, variant: str) -> dict:
@@ -245,10 +275,16 @@ def _logprob_at(logits: np.ndarray, index: np.ndarray) -> np.ndarray:
     return out
 
 
-def check_classify(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bool) -> dict:
+class ClassifyCheck:
     """The graph predicts PyTorch's label for every row (fp32) or >= 99.5% of rows (fp16)."""
-    report: dict[str, Any] = {"graphs": {}}
-    for variant, g in graphs.items():
+
+    def __init__(self, arch, config, ckpt_dir: Path, fp16: bool):
+        self.arch, self.config, self.fp16 = arch, config, fp16
+        self.graphs: dict[str, dict] = {}
+
+    def add(self, variant: str, g: dict) -> None:
+        """Check one graph (its ``signature``, ``onnx`` and ``torch`` runners)."""
+        arch, config, fp16 = self.arch, self.config, self.fp16
         got, ref = [], []
         for seed in range(CLASSIFY_ROWS // 64):
             feeds = arch.example_inputs(
@@ -258,7 +294,7 @@ def check_classify(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: 
             ref.append(g["torch"](feeds)[g["signature"].output_names()[0]].argmax(-1))
         got_all, ref_all = np.concatenate(got), np.concatenate(ref)
         agree = float((got_all == ref_all).mean())
-        report["graphs"][variant] = {"rows": int(got_all.size), "label_agreement": agree}
+        self.graphs[variant] = {"rows": int(got_all.size), "label_agreement": agree}
         if not fp16 and agree < 1.0:
             raise LabelMismatch(
                 f"graph {variant!r}: predicted label differs from PyTorch on "
@@ -269,20 +305,33 @@ def check_classify(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: 
                 f"graph {variant!r} (fp16): label agreement {agree:.2%} is below "
                 f"{FP16_MIN_LABEL_AGREEMENT:.1%}; export in fp32"
             )
-    return report
+
+    def result(self) -> dict:
+        """The manifest's figures for every graph added."""
+        return {"graphs": self.graphs}
 
 
-def check_images(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bool) -> dict:
+def check_classify(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bool) -> dict:
+    """:class:`ClassifyCheck` over ``graphs`` (each with its runners open)."""
+    return _run_check(ClassifyCheck(arch, config, ckpt_dir, fp16), graphs)
+
+
+class ImagesCheck:
     """Generated pixels stay within the signature's tolerance of PyTorch's; report the error."""
-    report: dict[str, Any] = {"graphs": {}}
-    for variant, g in graphs.items():
-        sig = g["signature"]
+
+    def __init__(self, arch, config, ckpt_dir: Path, fp16: bool):
+        self.arch, self.config, self.fp16 = arch, config, fp16
+        self.graphs: dict[str, dict] = {}
+
+    def add(self, variant: str, g: dict) -> None:
+        """Check one graph (its ``signature``, ``onnx`` and ``torch`` runners)."""
+        sig, fp16 = g["signature"], self.fp16
         atol, rtol = (sig.fp16_atol, sig.fp16_rtol) if fp16 else (sig.atol, sig.rtol)
-        feeds = arch.example_inputs(config, IMAGE_ROWS, 1, 0, seed=200, variant=variant)
+        feeds = self.arch.example_inputs(self.config, IMAGE_ROWS, 1, 0, seed=200, variant=variant)
         name = sig.output_names()[0]
         got, ref = g["onnx"](feeds)[name].astype(np.float64), g["torch"](feeds)[name]
         err = np.abs(got - ref)
-        report["graphs"][variant] = {
+        self.graphs[variant] = {
             "images": int(len(got)),
             "max_abs_pixel_error": float(err.max()),
             "mean_abs_pixel_error": float(err.mean()),
@@ -293,13 +342,21 @@ def check_images(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bo
                 f"graph {variant!r}: max abs pixel error {err.max():.3g} over {len(got)} images "
                 f"exceeds atol={atol:g} + rtol={rtol:g}*|torch|"
             )
-    return report
+
+    def result(self) -> dict:
+        """The manifest's figures for every graph added."""
+        return {"graphs": self.graphs}
 
 
-TASK_CHECKS: dict[str, Callable[..., dict]] = {
-    "generate": check_generate,
-    "classify": check_classify,
-    "sample_images": check_images,
+def check_images(arch, config, ckpt_dir: Path, graphs: dict[str, dict], fp16: bool) -> dict:
+    """:class:`ImagesCheck` over ``graphs`` (each with its runners open)."""
+    return _run_check(ImagesCheck(arch, config, ckpt_dir, fp16), graphs)
+
+
+TASK_CHECKS: dict[str, Callable[..., Any]] = {  # task -> its per-graph check's class
+    "generate": GenerateCheck,
+    "classify": ClassifyCheck,
+    "sample_images": ImagesCheck,
 }
 
 
@@ -316,19 +373,37 @@ def validate_export(
 ) -> dict[str, Any]:
     """Run all checks on every exported graph; return the manifest's validation section.
 
-    ``reference`` (an imported model's original implementation, e.g. transformers) checks the
-    graphs once more against it, task by task, and its figures go under ``reference``.
-    ``int8`` graphs are held to accuracy floors on held-out data instead of identical outputs
-    (and not compared with a reference implementation, whose fp32 tolerances they exceed).
+    Graph by graph: one onnxruntime session is open at a time, and it is closed once its names,
+    shapes, values, task check and reference check have run (at GPT-2 small, each session holds
+    0.6-0.8 GiB). ``reference`` (an imported model's original implementation, e.g.
+    transformers) computes its outputs once, before any session opens, and lets its model go;
+    each graph is then checked against them and its figures go under ``reference``. ``int8``
+    graphs are held to accuracy floors on held-out data instead of identical outputs (and not
+    compared with a reference implementation, whose fp32 tolerances they exceed).
     """
     stages = stages or Stages(show=False)
-    graphs: dict[str, dict] = {}
+    if TASK_CHECKS.get(arch.task) is None:  # a graph nobody checked end to end must not land
+        raise UnknownTask(
+            f"{arch.name} declares task {arch.task!r}, which has no task-level check (known: "
+            f"{', '.join(TASK_CHECKS)}); export with --no-validate to skip validation"
+        )
     report: dict[str, Any] = {
         "validated": True,
         "precision": "int8" if int8 else "fp16" if fp16 else "fp32",
         "cases": [dict(zip(("batch", "seq", "past"), c)) for c in CASES],
         "graphs": {},
     }
+    if int8:
+        from exporters.validate_quantized import QuantizedCheck
+
+        task, task_label = QuantizedCheck(arch, config, ckpt_dir), "int8 on held-out data"
+        against = None
+    else:
+        task, task_label = TASK_CHECKS[arch.task](arch, config, ckpt_dir, fp16), arch.task
+        against = None
+        if reference is not None:
+            with stages.stage(f"{reference.name} reference outputs"):
+                against = reference.prepare(arch, config, ckpt_dir, fp16)
     for variant, path in paths.items():
         with stages.stage(f"validate {variant}"):
             signature = arch.export_signature(config, variant)
@@ -344,22 +419,15 @@ def validate_export(
             check_shapes(signature, results, variant)
             values = check_values(signature, results, variant, fp16, quantized=int8)
             report["graphs"][variant] = {"names": "ok", "shapes": "ok", "values": values}
-            graphs[variant] = g
-    check = TASK_CHECKS.get(arch.task)
-    if check is None:  # a graph nobody checked end to end must not land as "validated"
-        raise UnknownTask(
-            f"{arch.name} declares task {arch.task!r}, which has no task-level check (known: "
-            f"{', '.join(TASK_CHECKS)}); export with --no-validate to skip validation"
-        )
-    if int8:
-        from exporters.validate_quantized import check_quantized
-
-        with stages.stage("validate int8 on held-out data"):
-            report["task"] = {"task": arch.task, **check_quantized(arch, config, ckpt_dir, graphs)}
-        return report
-    with stages.stage(f"validate {arch.task}"):
-        report["task"] = {"task": arch.task, **check(arch, config, ckpt_dir, graphs, fp16)}
-    if reference is not None:
-        with stages.stage(f"validate against {reference.name}"):
-            report["reference"] = reference.check(arch, config, ckpt_dir, graphs, fp16)
+            del results
+        with stages.stage(f"validate {task_label} {variant}"):
+            task.add(variant, g)
+        if against is not None:
+            with stages.stage(f"validate {variant} against {reference.name}"):
+                against.add(variant, g)
+        del g, session, module  # the session's memory goes back before the next graph's
+        release_memory()
+    report["task"] = {"task": arch.task, **task.result()}
+    if against is not None:
+        report["reference"] = against.result()
     return report

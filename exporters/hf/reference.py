@@ -28,6 +28,7 @@ from exporters.base import (
     greedy_agreement,
     require_identical_greedy,
 )
+from exporters.memory import release_memory
 
 GREEDY_TOKENS = 64
 FP16_MIN_TOP1 = 0.99
@@ -120,96 +121,95 @@ class TransformersReference:
 
     def check(self, arch, config, artifacts_dir: Path, graphs: dict[str, dict], fp16: bool):
         """Compare every graph with transformers for the architecture's task; return figures."""
+        against = self.prepare(arch, config, artifacts_dir, fp16)
+        for variant, g in graphs.items():
+            against.add(variant, g)
+        return against.result()
+
+    def prepare(self, arch, config, artifacts_dir: Path, fp16: bool) -> Any:
+        """Compute transformers' outputs once and drop its model; graphs are then checked one
+        by one against them (``add(variant, graph)``, then ``result()``)."""
         import transformers
 
-        checks = {"generate": self._check_generate, "classify": self._check_classify}
+        checks = {"generate": _GenerateReference, "classify": _ClassifyReference}
         if arch.task not in checks:
             raise EngineError(f"no transformers check for task {arch.task!r}")
-        try:
-            figures = checks[arch.task](arch, config, Path(artifacts_dir), graphs, fp16)
-        finally:
-            self.release()
-        return {
+        header = {
             "library": f"transformers {transformers.__version__}",
             "class": self.family.hf_architecture,
             "attention": "eager",
-            **figures,
         }
+        try:
+            return checks[arch.task](self, arch, config, Path(artifacts_dir), fp16, header)
+        finally:
+            self.release()
+            release_memory()  # the model's tensors go back before the graphs' sessions open
 
-    # -- generate -----------------------------------------------------------------------------
-    def _check_generate(self, arch, config, artifacts_dir: Path, graphs, fp16: bool) -> dict:
+
+class _GenerateReference:
+    """transformers' greedy tokens (and, in fp16, its teacher-forced top-1), checked per graph."""
+
+    def __init__(self, ref: TransformersReference, arch, config, artifacts_dir, fp16, header):
         import torch
         from tokenizers import Tokenizer
 
-        from engine.graph_decoder import GraphDecoder
         from exporters.provenance import context_length
 
+        self.arch, self.config, self.fp16 = arch, config, fp16
         serving = arch.serving_metadata(config, artifacts_dir)
         tokenizer = Tokenizer.from_file(str(artifacts_dir / serving["tokenizer"]))
-        pad_id = int(serving.get("pad_token_id") or 0)
+        self.pad_id = pad_id = int(serving.get("pad_token_id") or 0)
         max_new = min(GREEDY_TOKENS, (context_length(serving) or 2 * GREEDY_TOKENS) // 2)
         longest = (context_length(serving) or 10**9) - max_new
-        prompts = [tokenizer.encode(p).ids[-longest:] or [pad_id] for p in PROMPTS]
-        model = self.model()
-        expected = np.stack([self._generate(model, p, max_new, pad_id) for p in prompts])
-        report: dict[str, Any] = {
-            "prompts": len(prompts),
+        self.prompts = [tokenizer.encode(p).ids[-longest:] or [pad_id] for p in PROMPTS]
+        self.max_new = max_new
+        model = ref.model()
+        self.expected = np.stack([_generate(model, p, max_new, pad_id) for p in self.prompts])
+        self.top: list[np.ndarray] = []  # fp16: transformers' argmax at each step of each row
+        if fp16:
+            with torch.no_grad():
+                for r in self._rows():
+                    self.top.append(model(torch.tensor([r])).logits[0].argmax(-1).numpy())
+        self.report: dict[str, Any] = {
+            **header,
+            "prompts": len(self.prompts),
             "new_tokens": max_new,
             "reference": "generate(do_sample=False), one prompt at a time",
             "graphs": {},
         }
-        for variant, g in graphs.items():
-            example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)
-            decoder = GraphDecoder(g["signature"], {k: v.shape for k, v in example.items()})
-            tokens = decoder.generate(g["onnx"], prompts, max_new, pad_id)
-            entry: dict[str, Any] = greedy_agreement(tokens, expected)
-            if not fp16:
-                require_identical_greedy(
-                    tokens, expected, f"graph {variant!r}", "ONNX", "transformers generate"
-                )
-            if fp16:
-                with torch.no_grad():
-                    entry.update(self._top1(decoder, g, model, prompts, expected, pad_id, variant))
-            report["graphs"][variant] = entry
-        return report
 
-    @staticmethod
-    def _generate(model: Any, prompt: list[int], max_new: int, pad_id: int) -> np.ndarray:
-        import torch
-        from transformers import GenerationConfig
+    def _rows(self) -> list[list[int]]:
+        """Each prompt followed by transformers' greedy continuation."""
+        return [list(p) + self.expected[i].tolist() for i, p in enumerate(self.prompts)]
 
-        ids = torch.tensor([prompt])
-        config = GenerationConfig(  # exactly max_new greedy tokens: nothing stops or suppresses
-            max_new_tokens=max_new,
-            min_new_tokens=None,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=None,
-            bos_token_id=None,
-            pad_token_id=pad_id,
-        )
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
+    def add(self, variant: str, g: dict) -> None:
+        """Check one graph's greedy tokens (and fp16 top-1) against transformers'."""
+        from engine.graph_decoder import GraphDecoder
+
+        example = self.arch.example_inputs(self.config, 1, 1, 0, seed=0, variant=variant)
+        decoder = GraphDecoder(g["signature"], {k: v.shape for k, v in example.items()})
+        tokens = decoder.generate(g["onnx"], self.prompts, self.max_new, self.pad_id)
+        entry: dict[str, Any] = greedy_agreement(tokens, self.expected)
+        if not self.fp16:
+            require_identical_greedy(
+                tokens, self.expected, f"graph {variant!r}", "ONNX", "transformers generate"
             )
-        return out[0, len(prompt) :].numpy()
+        if self.fp16:
+            entry.update(self._top1(decoder, g, variant))
+        self.report["graphs"][variant] = entry
 
-    @staticmethod
-    def _top1(decoder, g, model, prompts, continuation, pad_id: int, variant: str) -> dict:
+    def _top1(self, decoder, g, variant: str) -> dict:
         """Teacher-forced top-1 agreement of an fp16 graph with transformers over the rows."""
-        import torch
-
-        rows = [list(p) + continuation[i].tolist() for i, p in enumerate(prompts)]
+        rows = self._rows()
         width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         mask = np.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
         got = decoder.prefill_logits(g["onnx"], ids, mask).argmax(-1)
         agree, total = 0, 0
         for i, r in enumerate(rows):
-            ref = model(torch.tensor([r])).logits[0].argmax(-1).numpy()
-            agree += int((got[i, width - len(r) :] == ref).sum())
+            agree += int((got[i, width - len(r) :] == self.top[i]).sum())
             total += len(r)
         top1 = agree / total
         if top1 < FP16_MIN_TOP1:
@@ -219,23 +219,53 @@ class TransformersReference:
             )
         return {"teacher_forced_steps": total, "top1_agreement": top1}
 
-    # -- classify -----------------------------------------------------------------------------
-    def _check_classify(self, arch, config, artifacts_dir: Path, graphs, fp16: bool) -> dict:
+    def result(self) -> dict:
+        """The manifest's ``reference`` section."""
+        return self.report
+
+
+def _generate(model: Any, prompt: list[int], max_new: int, pad_id: int) -> np.ndarray:
+    import torch
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([prompt])
+    config = GenerationConfig(  # exactly max_new greedy tokens: nothing stops or suppresses
+        max_new_tokens=max_new,
+        min_new_tokens=None,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=pad_id,
+    )
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
+        )
+    return out[0, len(prompt) :].numpy()
+
+
+class _ClassifyReference:
+    """transformers' logits on 64 texts, each alone; graphs run them padded, checked per graph."""
+
+    def __init__(self, ref: TransformersReference, arch, config, artifacts_dir, fp16, header):
         import torch
         from tokenizers import Tokenizer
         from transformers import AutoTokenizer
 
-        from engine.runtime.batched_engines import TYPE_IDS, encode_texts, prepare_tokenizer
+        from engine.runtime.batched_engines import encode_texts, prepare_tokenizer
 
+        self.fp16 = fp16
         serving = arch.serving_metadata(config, artifacts_dir)
-        max_length, pad_id = int(serving["max_length"]), int(serving["pad_token_id"])
-        cls_id = serving.get("cls_token_id")
+        self.max_length, self.pad_id = int(serving["max_length"]), int(serving["pad_token_id"])
+        self.cls_id = serving.get("cls_token_id")
         tokenizer = Tokenizer.from_file(str(artifacts_dir / serving["tokenizer"]))
-        prepare_tokenizer(tokenizer, max_length, cls_id)
-        texts = texts_64()
-        theirs = AutoTokenizer.from_pretrained(str(self.path))
-        want = theirs(texts, truncation=True, max_length=max_length)["input_ids"]
-        enc = encode_texts(tokenizer, texts, pad_id, cls_id)
+        prepare_tokenizer(tokenizer, self.max_length, self.cls_id)
+        self.tokenizer = tokenizer
+        self.texts = texts = texts_64()
+        theirs = AutoTokenizer.from_pretrained(str(ref.path))
+        want = theirs(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        enc = encode_texts(tokenizer, texts, self.pad_id, self.cls_id)
         mine = [r[m == 1].tolist() for r, m in zip(enc["input_ids"], enc["attention_mask"])]
         if mine != want:
             bad = next(i for i, (a, b) in enumerate(zip(mine, want)) if a != b)
@@ -243,56 +273,65 @@ class TransformersReference:
                 f"the runtime tokenizes {texts[bad][:40]!r} as {mine[bad][:12]}..., "
                 f"transformers' AutoTokenizer as {want[bad][:12]}..."
             )
-        model = self.model()
+        model = ref.model()
         expected = []
         with torch.no_grad():
             for ids in want:  # each text alone: no padding in the reference
                 x = torch.tensor([ids])
                 expected.append(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0])
-        ref = torch.stack(expected).double().numpy()
-        report: dict[str, Any] = {
+        self.ref = torch.stack(expected).double().numpy()
+        self.report: dict[str, Any] = {
+            **header,
             "texts": len(texts),
             "tokenization": "identical to AutoTokenizer(truncation=True)",
-            "max_length": max_length,
+            "max_length": self.max_length,
             "graphs": {},
         }
-        for variant, g in graphs.items():
-            takes_types = TYPE_IDS in g["signature"].input_names()
-            got, widths = [], []
-            for b, extra in enumerate(PAD_EXTRA):
-                feeds = encode_texts(
-                    tokenizer, texts[b * 16 : (b + 1) * 16], pad_id, cls_id, takes_types
-                )
-                width = feeds["input_ids"].shape[1]
-                target = max_length if extra is None else min(max_length, width + extra)
-                fill = {"input_ids": pad_id}  # masks and segment ids pad with 0
-                feeds = {
-                    k: np.pad(v, ((0, 0), (0, target - width)), constant_values=fill.get(k, 0))
-                    for k, v in feeds.items()
-                }
-                widths.append(target)
-                got.append(g["onnx"](feeds)[g["signature"].output_names()[0]])
-            logits = np.concatenate(got).astype(np.float64)
-            diff = float(np.abs(logits - ref).max())
-            agree = float((logits.argmax(-1) == ref.argmax(-1)).mean())
-            report["graphs"][variant] = {
-                "padded_widths": widths,
-                "max_abs_logit_diff": diff,
-                "argmax_agreement": agree,
+
+    def add(self, variant: str, g: dict) -> None:
+        """Check one graph's logits and argmax on the padded texts against transformers'."""
+        from engine.runtime.batched_engines import TYPE_IDS, encode_texts
+
+        texts, ref, fp16, max_length = self.texts, self.ref, self.fp16, self.max_length
+        takes_types = TYPE_IDS in g["signature"].input_names()
+        got, widths = [], []
+        for b, extra in enumerate(PAD_EXTRA):
+            feeds = encode_texts(
+                self.tokenizer, texts[b * 16 : (b + 1) * 16], self.pad_id, self.cls_id, takes_types
+            )
+            width = feeds["input_ids"].shape[1]
+            target = max_length if extra is None else min(max_length, width + extra)
+            fill = {"input_ids": self.pad_id}  # masks and segment ids pad with 0
+            feeds = {
+                k: np.pad(v, ((0, 0), (0, target - width)), constant_values=fill.get(k, 0))
+                for k, v in feeds.items()
             }
-            if not fp16 and agree < 1.0:
-                raise LabelMismatch(
-                    f"graph {variant!r}: argmax differs from transformers on "
-                    f"{int(round((1 - agree) * len(texts)))} of {len(texts)} texts"
-                )
-            if not fp16 and diff > CLASSIFY_ATOL:
-                raise ValuesMismatch(
-                    f"graph {variant!r}: logits differ from transformers by up to {diff:.3g} "
-                    f"(> {CLASSIFY_ATOL:g}) over {len(texts)} padded texts"
-                )
-            if fp16 and agree < FP16_MIN_LABEL_AGREEMENT:
-                raise AgreementTooLow(
-                    f"graph {variant!r} (fp16): argmax agreement with transformers {agree:.1%} "
-                    f"is below {FP16_MIN_LABEL_AGREEMENT:.1%}; export in fp32"
-                )
-        return report
+            widths.append(target)
+            got.append(g["onnx"](feeds)[g["signature"].output_names()[0]])
+        logits = np.concatenate(got).astype(np.float64)
+        diff = float(np.abs(logits - ref).max())
+        agree = float((logits.argmax(-1) == ref.argmax(-1)).mean())
+        self.report["graphs"][variant] = {
+            "padded_widths": widths,
+            "max_abs_logit_diff": diff,
+            "argmax_agreement": agree,
+        }
+        if not fp16 and agree < 1.0:
+            raise LabelMismatch(
+                f"graph {variant!r}: argmax differs from transformers on "
+                f"{int(round((1 - agree) * len(texts)))} of {len(texts)} texts"
+            )
+        if not fp16 and diff > CLASSIFY_ATOL:
+            raise ValuesMismatch(
+                f"graph {variant!r}: logits differ from transformers by up to {diff:.3g} "
+                f"(> {CLASSIFY_ATOL:g}) over {len(texts)} padded texts"
+            )
+        if fp16 and agree < FP16_MIN_LABEL_AGREEMENT:
+            raise AgreementTooLow(
+                f"graph {variant!r} (fp16): argmax agreement with transformers {agree:.1%} "
+                f"is below {FP16_MIN_LABEL_AGREEMENT:.1%}; export in fp32"
+            )
+
+    def result(self) -> dict:
+        """The manifest's ``reference`` section."""
+        return self.report
