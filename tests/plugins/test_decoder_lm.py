@@ -189,12 +189,9 @@ def test_export_contract_agrees(arch, model_and_config, variant, batch, seq, pas
         _axis_sizes(spec.shape, tuple(out.shape), sizes)
 
 
-def test_gpt2_mapping_reproduces_transformers_logits(model_and_config):
-    transformers = pytest.importorskip("transformers")
-    from plugins.decoder_lm.model import to_gpt2_state_dict
-
-    model, config = model_and_config
-    hf = transformers.GPT2LMHeadModel(
+def _gpt2_twin(transformers, config):
+    """An untrained ``GPT2LMHeadModel`` of the same shape as the decoder (tanh GELU, as ours)."""
+    return transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
             vocab_size=config.vocab_size,
             n_positions=config.block_size,
@@ -205,6 +202,14 @@ def test_gpt2_mapping_reproduces_transformers_logits(model_and_config):
             layer_norm_epsilon=1e-5,
         )
     ).eval()
+
+
+def test_gpt2_mapping_reproduces_transformers_logits(model_and_config):
+    transformers = pytest.importorskip("transformers")
+    from plugins.decoder_lm.model import to_gpt2_state_dict
+
+    model, config = model_and_config
+    hf = _gpt2_twin(transformers, config)
     missing, unexpected = hf.load_state_dict(to_gpt2_state_dict(model.state_dict()), strict=False)
     assert not unexpected and all(".attn.bias" in m or "masked_bias" in m for m in missing)
     ids = torch.randint(4, config.vocab_size, (2, 9))
@@ -233,17 +238,7 @@ def test_gpt2_mapping_takes_a_saved_checkpoint_that_kept_one_tied_name(model_and
         state = {k: v for k, v in model.state_dict().items() if k != other}
         mapped = to_gpt2_state_dict(state)
         assert torch.equal(mapped["lm_head.weight"], mapped["transformer.wte.weight"])
-    hf = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=config.vocab_size,
-            n_positions=config.block_size,
-            n_embd=config.n_embd,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            activation_function="gelu_new",
-            layer_norm_epsilon=1e-5,
-        )  # fmt: skip
-    ).eval()
+    hf = _gpt2_twin(transformers, config)
     hf.load_state_dict(to_gpt2_state_dict(saved), strict=False)
     ids = torch.randint(4, config.vocab_size, (2, 9))
     with torch.no_grad():
