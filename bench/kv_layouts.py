@@ -31,7 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.paged_inputs import PAGED_INPUTS, paged_inputs
+
 BS = 16  # tokens per block
+UNPAGED = ("new_mask", "lens", "table", "owner", "index")  # the other candidates' inputs
+PAGED = ("causal_mask", "table", "block_mask", "block_rows", "block_slots", "block_weights")
 CASES = ((1, 96), (16, 64), (16, 112), (16, 160))  # (batch, cached tokens per row)
 STEPS_PER_ROUND = 10
 
@@ -74,21 +78,14 @@ def build(candidate: str, path: Path, context: int = 192) -> None:
             super().__init__()
             self.m = model
 
-        def run(self, ids, pos, new_mask, lens, table, owner, index, *cache):
+        def run(self, ids, pos, *rest):
             m, S = self.m, ids.shape[1]
-            new_allowed = _causal(S, S, ids.device)[None, None] & (new_mask[:, None, None, :] != 0)
-            if candidate == "paged":
-                logits, new = m.forward_paged(
-                    ids,
-                    pos,
-                    new_mask,
-                    lens,
-                    table,
-                    owner,
-                    index,
-                    list(zip(cache[::2], cache[1::2])),
-                )
+            if candidate == "paged":  # the runtime's inputs (engine/paged_inputs.py)
+                pools = list(zip(rest[6::2], rest[7::2]))
+                logits, new = m.forward_paged(ids, pos, *rest[:6], pools)
                 return (logits, *(t for kv in new for t in kv))
+            new_mask, lens, table, owner, index, *cache = rest
+            new_allowed = _causal(S, S, ids.device)[None, None] & (new_mask[:, None, None, :] != 0)
             x, outs = m._embed(ids, pos), []
             for i, blk in enumerate(m.transformer.h):
                 h = blk.ln_1(x)
@@ -112,7 +109,7 @@ def build(candidate: str, path: Path, context: int = 192) -> None:
                 outs += [k, v]
             return (m._head(x), *outs)
 
-    names = ["ids", "pos", "new_mask", "lens", "table", "owner", "index"]
+    names = ["ids", "pos", *(PAGED if candidate == "paged" else UNPAGED)]
     names += [f"c{i}" for i in range(2 * L)]
     P = inspect.Parameter
     forward = lambda self, *a: self.run(*a)  # noqa: E731
@@ -132,6 +129,11 @@ def build(candidate: str, path: Path, context: int = 192) -> None:
         torch.tensor([0, 1, 0, 1, 0, 0, 0]),
     ]
     dims = [{0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: b}, {0: b, 1: nb}, {0: pool}, {0: pool}]
+    if candidate == "paged":
+        paged = paged_inputs(*(a.numpy() for a in args[2:]), BS)
+        args[2:] = [torch.from_numpy(paged[n]) for n in PAGED_INPUTS]
+        dims[2:] = [{0: b, 1: s, 2: s}, {0: b, 1: nb}, {0: b, 1: nb}, {0: pool}, {0: pool}]
+        dims.append({0: b, 1: pool})
     if candidate == "dense":
         args += [torch.randn(B, H, NB * BS, D) for _ in range(2 * L)]
         dims += [{0: b, 2: nb * BS}] * (2 * L)
@@ -160,6 +162,8 @@ def feeds(candidate: str, batch: int, cached: int, rng, pool_extra: int = 0) -> 
     owner, index = np.full(pool, -1), np.zeros(pool, np.int64)
     owner[table], index[table] = np.arange(batch)[:, None], np.arange(nb)[None, :]
     f.update(table=table, owner=owner, index=index)
+    paged = paged_inputs(f["new_mask"], f["lens"], table, owner, index, BS)
+    f.update((PAGED[i], paged[n]) for i, n in enumerate(PAGED_INPUTS))
     for i in range(8):
         blocks = rng.standard_normal((pool, 4, BS, 64)).astype(np.float32)
         if candidate == "dense":  # the same contents, laid out densely per row

@@ -117,6 +117,19 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-spin", action="store_true", help="onnxruntime threads do not spin")
+    ap.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="the engine recomputes every prompt (repeats send the same prompts: with caching, "
+        "later repeats skip most of their prefill)",
+    )
+    ap.add_argument(
+        "--spread",
+        type=int,
+        metavar="SHORTEST",
+        help="prompts of lengths spread evenly from --prompt-len down to SHORTEST across a batch "
+        "(the dense cache pads every row to the longest, the paged one does not)",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     if args.build:
@@ -131,19 +144,35 @@ def main() -> None:
     serving = manifest.serving
     session = load_session(path / manifest.graph("default")["file"], args.threads, spin)
     config = EngineConfig(max_num_seqs=max(args.batches), max_model_len=args.prompt_len + args.new)
+    if args.no_prefix_caching:
+        config = EngineConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len,
+            enable_prefix_caching=False,
+        )
     engine = LLMEngine.from_repository(
         args.repo, args.model, threads=args.threads, config=config, spin=spin
     )
     rng = np.random.default_rng(0)
-    prompts = rng.integers(4, serving["vocab_size"], (max(args.batches), args.prompt_len)).tolist()
-    bare_run(session, prompts[:2], 4)  # warm both up
-    engine_run(engine, prompts[:2], 4)
+    vocab = serving["vocab_size"]
+
+    def batch_prompts(batch: int) -> list[list[int]]:
+        lens = [args.prompt_len] * batch
+        if args.spread:
+            lens = np.linspace(args.prompt_len, args.spread, batch).round().astype(int).tolist()
+        return [rng.integers(4, vocab, n).tolist() for n in lens]
+
+    prompts = {batch: batch_prompts(batch) for batch in args.batches}
+    bare_run(session, prompts[args.batches[0]][:2], 4)  # warm both up
+    engine_run(engine, prompts[args.batches[0]][:2], 4)
 
     shape = {k: serving[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}
     print(f"# {platform.machine()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}")
     print(f"# model {args.repo}/{args.model}: {shape}, context {serving['context_length']}")
     print(
-        f"# {args.prompt_len}-token prompts, {args.new} greedy tokens, {args.threads} threads, "
+        f"# {args.prompt_len}-token prompts"
+        + (f" (down to {args.spread} across a batch)" if args.spread else "")
+        + f", {args.new} greedy tokens, {args.threads} threads, "
         f"spin {'on' if spin else 'off'}; {args.repeats} interleaved runs each: median (best)"
     )
     header = (
@@ -167,11 +196,11 @@ def main() -> None:
             # each side's onnxruntime threads spin a while after a run: let them park first
             time.sleep(0.3)
             b_cpu, (b_first, b_all, b_tokens) = cpu_timed(
-                bare_run, session, prompts[:batch], args.new
+                bare_run, session, prompts[batch], args.new
             )
             time.sleep(0.3)
             e_cpu, (e_first, e_all, e_tokens) = cpu_timed(
-                engine_run, engine, prompts[:batch], args.new
+                engine_run, engine, prompts[batch], args.new
             )
             same &= b_tokens.tolist() == e_tokens
             bare.append((b_first, b_all, b_cpu))

@@ -21,11 +21,8 @@ tokens' keys/values and the caller writes them into a preallocated buffer (``kv_
 otherwise the output is the whole cache and is fed back as the next step's input.
 
 A *paged* graph (it has a ``block_table`` input, the runtime's ``kv_inplace``) reads its KV
-inputs as pools of blocks ``(pool_blocks, heads, block_size, head_dim)`` and takes
-``cache_lens`` (batch,), ``block_table`` (batch, table_blocks), ``block_owner`` and
-``block_index`` (pool_blocks,) instead of a cache mask: row b's cached tokens are the first
-``cache_lens[b]`` positions of the blocks its table row names, and each pool block says which
-row owns it (-1: none) and where it sits in that row's table.
+inputs as pools of blocks ``(pool_blocks, heads, block_size, head_dim)`` and takes the block
+tables, masks and per-block roles of engine/paged_inputs.py instead of a cache mask.
 """
 
 from __future__ import annotations
@@ -38,11 +35,11 @@ import numpy as np
 
 from engine.architecture import ExportSignature, TensorSpec
 from engine.errors import EngineError
+from engine.paged_inputs import PAGED_INPUTS, paged_inputs
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 Pick = Callable[[np.ndarray, int], np.ndarray]  # (last logits (B, V), step) -> token ids (B,)
 MASK_ROLES = ("attention_mask", "cache_mask", "new_mask")
-PAGED_ROLES = ("cache_lens", "block_table", "block_owner", "block_index")
 
 
 class UnknownGraphLayout(EngineError):
@@ -129,7 +126,7 @@ class GraphDecoder:
         self.kv: list[KVPair] = []
         self.paged = "block_table" in names
         for spec in signature.inputs:
-            if spec.name in ("input_ids", "position_ids", *MASK_ROLES, *PAGED_ROLES):
+            if spec.name in ("input_ids", "position_ids", *MASK_ROLES, *PAGED_INPUTS):
                 continue
             suffix = spec.name.split(".", 1)[-1]
             if len(spec.shape) < 3 or "." not in spec.name or suffix not in outputs:
@@ -298,16 +295,11 @@ class PagedPool:
 
     def feeds(self, ids, positions, new_mask) -> dict[str, np.ndarray]:
         """The graph's inputs for new tokens ``ids`` after what the pool holds."""
-        return {
-            "input_ids": ids,
-            "position_ids": positions,
-            "new_mask": new_mask,
-            "cache_lens": self.lens.copy(),
-            "block_table": self.table,
-            "block_owner": self.owner,
-            "block_index": self.index,
-            **self.pools,
-        }
+        dtype = self.decoder.kv[0].input.dtype  # the pools' float type, the weights' too
+        paged = paged_inputs(
+            new_mask, self.lens, self.table, self.owner, self.index, self.block_size, dtype
+        )
+        return {"input_ids": ids, "position_ids": positions, **paged, **self.pools}
 
     def append(self, out: dict[str, np.ndarray], new_mask: np.ndarray) -> None:
         """Write the step's new keys/values (real tokens only) after each row's cache."""

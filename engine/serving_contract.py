@@ -6,9 +6,10 @@ version fails with one line instead of a KeyError). docs/plugins.md shows the sa
 
 generate        serving: context_length, vocab_size (int); optional eos_token_id, pad_token_id,
                 tokenizer (file, default tokenizer.json). Graph ``kv_inplace`` with inputs
-                input_ids, position_ids, new_mask, cache_lens, block_table, block_owner,
-                block_index and the cache pools (the paged KV cache; one with a cache_mask
-                input predates it and must be re-exported).
+                input_ids, position_ids, causal_mask, block_table, block_mask, block_rows,
+                block_slots, block_weights and the cache pools (the paged KV cache; a graph
+                with a cache_mask input predates it, one with block_owner computes its masks
+                itself: both must be re-exported).
 classify, text  serving: labels (list of str), tokenizer (file), max_length, pad_token_id (int);
                 optional cls_token_id. Main graph inputs input_ids and attention_mask
                 (int64, (batch, sequence)), first output the logits (batch, len(labels)).
@@ -24,18 +25,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.paged_inputs import OLD_PAGED_INPUTS, PAGED_INPUTS
 from engine.repository import Manifest, RepositoryError
 
 TASKS = ("generate", "classify", "sample_images")
-# the paged kv_inplace graph's inputs besides the cache pools (engine/runtime/model_runner.py)
-KV_INPUTS = (
-    "input_ids",
-    "position_ids",
-    "new_mask",
-    "cache_lens",
-    "block_table",
-    "block_owner",
-    "block_index",
+# the paged kv_inplace graph's inputs besides the cache pools (engine/paged_inputs.py)
+KV_INPUTS = ("input_ids", "position_ids", *PAGED_INPUTS)
+REEXPORT_OLD_PAGED = (
+    "its kv_inplace graph computes its masks and block rows itself (inputs new_mask,"
+    " cache_lens, block_owner, block_index), from before the runtime gave them as inputs;"
+    " re-export it (engine export CHECKPOINT --repo REPO)"
 )
 DOCS = "docs/plugins.md#the-serving-contract"
 
@@ -96,6 +95,8 @@ def check_serving(manifest: Manifest, where: str, root: Path | None = None) -> N
                 f"{what}: its kv_inplace graph reads one contiguous cache row per sequence, from"
                 " before the paged KV cache; re-export it (engine export CHECKPOINT --repo REPO)"
             )
+        if all(n in inputs for n in OLD_PAGED_INPUTS):
+            raise ServingContractError(f"{what}: {REEXPORT_OLD_PAGED}")
         _need_inputs(inputs, KV_INPUTS, what, "kv")
     elif task == "classify":
         labels = _need(serving, "labels", list, what)

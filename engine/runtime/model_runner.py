@@ -7,7 +7,8 @@ block table (slots are per-request rows of decode state, at most ``max_num_seqs`
 
 A decode step feeds blocks ``[0, P)`` of the pool straight to the graph (never a copy; the
 manager keeps blocks in use packed at low ids, so little else lies below P), with each row's
-block table and, per pool block, the row that owns it and its place in that row's table. The
+block table and mask and, per pool block, the row that owns it and its place in that row's
+table (engine/paged_inputs.py: computed here in numpy, into the step's bound arrays). The
 graph computes each block's scores against its owner's queries where the block lies, so
 attention reads only live blocks and never gathers the cache (measured: a gather of the live
 blocks into a dense (B, H, T, D) cache made a batch-16 decode step 1.2-1.5x slower; see the
@@ -24,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from engine.paged_inputs import block_mask, block_roles, causal_mask
 from engine.runtime.backends import Backend
 from engine.runtime.errors import ModelSignatureError
 from engine.runtime.kv_pool import DeviceKVPool, HostKVPool
 from engine.runtime.sampler import SamplerOutput
 from engine.runtime.sampling_state import SamplingState
 from engine.runtime.scheduler import SchedulerOutput
-from engine.serving_contract import KV_INPUTS
+from engine.serving_contract import KV_INPUTS, REEXPORT_OLD_PAGED
 
 _TOKEN_INPUTS = KV_INPUTS  # the paged graph's inputs besides the cache pools
 # A decode step binds the pool up to a multiple of min(this, rows) blocks: with many rows a
@@ -62,6 +64,8 @@ class InplaceGraph:
                 "from before the paged KV cache; re-export it (engine export CHECKPOINT --repo "
                 "REPO) to serve it with this runtime"
             )
+        if "block_owner" in inputs and "block_rows" not in inputs:
+            raise ModelSignatureError(f"this version: {REEXPORT_OLD_PAGED} to serve it")
         missing = [n for n in _TOKEN_INPUTS if n not in inputs]
         if missing:
             raise ModelSignatureError(f"the kv_inplace graph lacks inputs {missing}")
@@ -224,12 +228,11 @@ class ModelRunner(SlotRunner):
         self.block_slot = np.full(num_blocks, -1, np.int64)
         self.block_pos = np.zeros(num_blocks, np.int64)
         self._init_slots(num_slots, vocab_size, pad_token_id)
-        # Decode inputs and outputs, preallocated; a step's arrays are views of these, so an
-        # IOBinding stays valid while the step's shapes (rows, table width, pool blocks) do.
-        self._ids = np.zeros(num_slots, np.int64)
-        self._pos = np.zeros(num_slots, np.int64)
-        self._ones = np.ones(num_slots, np.int64)
+        # Decode scratch; the step's inputs are arrays made per shape (:meth:`_feeds`) and
+        # filled in place, so an IOBinding stays valid while the shapes (rows, table width,
+        # pool blocks) do, and the outputs views of preallocated ones.
         self._table = np.zeros(num_slots * width, np.int64)
+        self._width = np.arange(width * bs, dtype=np.int64)
         self._owner = np.zeros(num_blocks, np.int64)
         self._index = np.zeros(num_blocks, np.int64)
         self._row_of_slot = np.full(num_slots + 1, -1, np.int64)  # [-1] answers block_slot -1
@@ -237,7 +240,13 @@ class ModelRunner(SlotRunner):
         zeros = np.zeros if self.device is None else self.device.zeros
         self._new = zeros((K, num_slots, H, 1, D), np.dtype(graph.dtype))
         self._no_pool = zeros((1, H, bs, D), np.dtype(graph.dtype))
-        self._bound: tuple | None = None  # (key, feeds, outputs) of the last bound decode step
+        self._bound: tuple | None = None  # (key, feeds, outputs) of the last decode shape
+        # Block tables change only when blocks are handed out or taken back (this counts the
+        # calls) or a row's cache enters a new block; between, a step's block inputs are the
+        # last step's with one more token unmasked per row. (slots, cache blocks, generation)
+        # of the last decode step:
+        self._generation = 0
+        self._last_decode: tuple | None = None
 
     @property
     def kv_bytes(self) -> int:
@@ -247,6 +256,7 @@ class ModelRunner(SlotRunner):
     # -- blocks ---------------------------------------------------------------------------------
     def assign_blocks(self, slot: int, blocks: list[int]) -> None:
         """The request in ``slot`` now holds ``blocks`` (in token order)."""
+        self._generation += 1
         n = len(blocks)
         ids = np.asarray(blocks, np.int64)
         self.table[slot, :n] = ids
@@ -256,10 +266,12 @@ class ModelRunner(SlotRunner):
 
     def copy_blocks(self, copies: list) -> None:
         """Apply the manager's block copies (prefix hits, cached blocks moved) in order."""
+        self._generation += 1
         self.pool.copy(copies)
 
     def release(self, slots: np.ndarray) -> None:
         """Forget finished or preempted slots; their blocks go back to the manager."""
+        self._generation += 1
         for slot in slots.tolist():
             held = self.table[slot, : self.num_held[slot]]
             mine = held[self.block_slot[held] == slot]  # not yet handed to someone else
@@ -294,14 +306,13 @@ class ModelRunner(SlotRunner):
         n, S = ids.shape
         bs = self.block_size
         arange = np.arange(S, dtype=np.int64)
-        new_mask = (arange[None, :] < lens[:, None]).astype(np.int64)
-        positions = np.where(new_mask == 1, cached[:, None] + arange[None, :], 0)  # pads: 0
+        new_mask = arange[None, :] < lens[:, None]
+        positions = np.where(new_mask, cached[:, None] + arange[None, :], 0)  # pads: 0
         feeds = {
             "input_ids": ids,
             "position_ids": positions,
-            "new_mask": new_mask,
-            "cache_lens": cached,
-            **self._prefill_cache(slots, cached // bs),
+            "causal_mask": causal_mask(new_mask),
+            **self._prefill_cache(slots, cached),
         }
         # the new tokens' keys/values, real ones only, after each row's cached tokens
         rows, cols = np.nonzero(new_mask)
@@ -324,26 +335,34 @@ class ModelRunner(SlotRunner):
         self.pool.write(blocks, pos % bs, picked)
         return result[self.graph.logits][np.arange(n), lens - 1]
 
-    def _prefill_cache(self, slots: np.ndarray, cached_blocks: np.ndarray) -> dict:
-        """A small pool of just the prompts' cached blocks (a copy), and its block tables."""
-        n = len(slots)
+    def _prefill_cache(self, slots: np.ndarray, cached: np.ndarray) -> dict:
+        """A small pool of just the prompts' cached blocks (a copy), and its block tables.
+
+        ``cached`` (n,) counts each row's cached tokens: whole blocks (prefix-cache hits).
+        """
+        n, bs = len(slots), self.block_size
+        cached_blocks = cached // bs
         nb = max(1, int(cached_blocks.max()))
-        if not cached_blocks.any():  # nothing cached: one empty block nobody owns
+        if not cached_blocks.any():  # nothing cached: one empty block nobody reads
             pools = {name: self._no_pool for name, _ in self.graph.kv}
+            owner, index = np.full(1, -1, np.int64), np.zeros(1, np.int64)
             table = np.zeros((n, 1), np.int64)
-            return {
-                "block_table": table,
-                "block_owner": np.full(1, -1, np.int64),
-                "block_index": np.zeros(1, np.int64),
-                **pools,
-            }
-        rows = np.repeat(np.arange(n), cached_blocks)
-        index = np.concatenate([np.arange(c) for c in cached_blocks])
-        table = np.zeros((n, nb), np.int64)
-        table[rows, index] = np.arange(len(rows))
-        gathered = self.pool.gather(self.table[slots[rows], index])  # (K, m, H, bs, D)
-        pools = {name: gathered[j] for j, (name, _) in enumerate(self.graph.kv)}
-        return {"block_table": table, "block_owner": rows, "block_index": index, **pools}
+        else:
+            owner = np.repeat(np.arange(n), cached_blocks)
+            index = np.concatenate([np.arange(c) for c in cached_blocks])
+            table = np.zeros((n, nb), np.int64)
+            table[owner, index] = np.arange(len(owner))
+            gathered = self.pool.gather(self.table[slots[owner], index])  # (K, m, H, bs, D)
+            pools = {name: gathered[j] for j, (name, _) in enumerate(self.graph.kv)}
+        rows, block_slots, weights = block_roles(owner, index, n, nb, self.graph.dtype)
+        return {
+            "block_table": table,
+            "block_mask": block_mask(cached, nb, bs),
+            "block_rows": rows,
+            "block_slots": block_slots,
+            "block_weights": weights,
+            **pools,
+        }
 
     # -- decode ---------------------------------------------------------------------------------
     def _decode(self, slots: np.ndarray) -> np.ndarray:
@@ -351,6 +370,37 @@ class ModelRunner(SlotRunner):
         n, bs = len(slots), self.block_size
         length = self.length[slots]
         cache_blocks = -(-length // bs)  # blocks holding each row's cached tokens
+        last = self._last_decode
+        if (
+            last is not None
+            and last[2] == self._generation
+            and np.array_equal(last[0], slots)
+            and np.array_equal(last[1], cache_blocks)
+        ):  # the same rows and blocks as the last step: only last step's token is new
+            key, feeds, outs = self._bound
+            feeds["block_mask"].reshape(n, -1)[np.arange(n), length - 1] = True
+        else:
+            key, feeds, outs = self._block_inputs(slots, length, cache_blocks)
+            self._last_decode = (slots.copy(), cache_blocks, self._generation)
+        feeds["input_ids"][:, 0] = self.last_token[slots]
+        feeds["position_ids"][:, 0] = length
+        if self.io_binding:
+            if self.device is not None:
+                self.device.synchronize()  # the previous step's scatter is in the pool
+            result = self.backend.run(feeds, outs, binding_key=key)
+            new = self._new[:, :n]
+        else:
+            result = self.backend.run(feeds)
+            new = np.stack([result[name] for _, name in self.graph.kv])
+        blocks = self.table[slots, length // bs]
+        self.pool.write(blocks, length % bs, new[:, :, :, 0, :].transpose(1, 0, 2, 3))
+        self.length[slots] += 1
+        return result[self.graph.logits][:, 0]
+
+    def _block_inputs(self, slots: np.ndarray, length: np.ndarray, cache_blocks: np.ndarray):
+        """Compute a decode step's block table, mask and block roles into its input arrays;
+        return (binding key, inputs, outputs)."""
+        n, bs = len(slots), self.block_size
         nb = int(cache_blocks.max())
         table = self._table[: n * nb].reshape(n, nb)
         np.copyto(table, self.table[slots, :nb])
@@ -366,38 +416,39 @@ class ModelRunner(SlotRunner):
         self._row_of_slot[slots] = -1
         np.copyto(index, self.block_pos[:P])
         theirs = np.flatnonzero(owner >= 0)
-        owner[theirs[index[theirs] >= cache_blocks[owner[theirs]]]] = -1
-        self._ids[:n] = self.last_token[slots]
-        self._pos[:n] = length
-        if self.io_binding:
-            # Every array bound here is a fixed view of a preallocated buffer: while the key
-            # holds, the previous step's binding still points at them.
-            key = (n, nb, P)
-            if self._bound is None or self._bound[0] != key:
-                self._bound = (key, self._feeds(n, nb, P), self._outputs(n))
-            _, feeds, outs = self._bound
-            if self.device is not None:
-                self.device.synchronize()  # the previous step's scatter is in the pool
-            result = self.backend.run(feeds, outs, binding_key=key)
-            new = self._new[:, :n]
-        else:
-            result = self.backend.run(self._feeds(n, nb, P))
-            new = np.stack([result[name] for _, name in self.graph.kv])
-        blocks = self.table[slots, length // bs]
-        self.pool.write(blocks, length % bs, new[:, :, :, 0, :].transpose(1, 0, 2, 3))
-        self.length[slots] += 1
-        return result[self.graph.logits][:, 0]
+        mine = index[theirs] < cache_blocks[owner[theirs]]
+        owner[theirs[~mine]] = -1
+        theirs = theirs[mine]
+        # Filled in place: while the key holds, the arrays (and a previous step's IOBinding of
+        # them) stay the same.
+        key = (n, nb, P)
+        if self._bound is None or self._bound[0] != key:
+            outs = self._outputs(n) if self.io_binding else None
+            self._bound = (key, self._feeds(n, nb, P), outs)
+        _, feeds, outs = self._bound
+        np.copyto(feeds["block_table"], table)
+        np.less(self._width[: nb * bs], length[:, None], out=feeds["block_mask"].reshape(n, -1))
+        rows = feeds["block_rows"]
+        np.maximum(owner, 0, out=rows)
+        np.minimum(index, nb - 1, out=feeds["block_slots"])
+        feeds["block_slots"] += rows * nb
+        weights = feeds["block_weights"]
+        weights.fill(0)
+        weights[owner[theirs], theirs] = 1
+        return key, feeds, outs
 
     def _feeds(self, n: int, nb: int, P: int) -> dict[str, np.ndarray]:
-        """Decode inputs: views of the runner's buffers and of the pool, no copies."""
+        """Decode input arrays for ``n`` rows, ``nb`` table blocks and pool blocks ``[0, P)``
+        (filled by each step), with views of the pool: no copies of the cache."""
         feeds = {
-            "input_ids": self._ids[:n, None],
-            "position_ids": self._pos[:n, None],
-            "new_mask": self._ones[:n, None],
-            "cache_lens": self._pos[:n],
-            "block_table": self._table[: n * nb].reshape(n, nb),
-            "block_owner": self._owner[:P],
-            "block_index": self._index[:P],
+            "input_ids": np.zeros((n, 1), np.int64),
+            "position_ids": np.zeros((n, 1), np.int64),
+            "causal_mask": np.ones((n, 1, 1), bool),
+            "block_table": np.zeros((n, nb), np.int64),
+            "block_mask": np.zeros((n, nb, self.block_size), bool),
+            "block_rows": np.zeros(P, np.int64),
+            "block_slots": np.zeros(P, np.int64),
+            "block_weights": np.zeros((n, P), np.dtype(self.graph.dtype)),
         }
         feeds.update((name, self.pool.view(j, P)) for j, (name, _) in enumerate(self.graph.kv))
         return feeds

@@ -24,6 +24,7 @@ from engine.architecture import (
 )
 from engine.atomic import write_bytes
 from engine.graph_decoder import GraphDecoder, torch_runner
+from engine.paged_inputs import PAGED_INPUTS, paged_inputs
 from plugins.decoder_lm import data as lm_data
 from plugins.decoder_lm.model import GPT, GPTConfig
 from plugins.stdlib_text import EOT, PAD
@@ -226,11 +227,12 @@ class DecoderLM(Architecture):
             inputs = [
                 TensorSpec("input_ids", "int64", tokens),
                 TensorSpec("position_ids", "int64", tokens),
-                TensorSpec("new_mask", "int64", tokens),
-                TensorSpec("cache_lens", "int64", ("batch",)),
+                TensorSpec("causal_mask", "bool", ("batch", "sequence", "sequence")),
                 TensorSpec("block_table", "int64", ("batch", "table_blocks")),
-                TensorSpec("block_owner", "int64", ("pool_blocks",)),
-                TensorSpec("block_index", "int64", ("pool_blocks",)),
+                TensorSpec("block_mask", "bool", ("batch", "table_blocks", config.kv_block_size)),
+                TensorSpec("block_rows", "int64", ("pool_blocks",)),
+                TensorSpec("block_slots", "int64", ("pool_blocks",)),
+                TensorSpec("block_weights", "float32", ("batch", "pool_blocks")),
             ]
             pool = ("pool_blocks", H, config.kv_block_size, D)
             inputs += _kv_specs("cache", layers, pool)
@@ -334,11 +336,7 @@ def _paged_example(config, rng, batch: int, past: int, new_mask: np.ndarray) -> 
     index[table] = np.arange(nb)[None, :]
     feeds = {
         **_new_tokens(config, rng, cache_lens, new_mask),
-        "new_mask": new_mask,
-        "cache_lens": cache_lens,
-        "block_table": table,
-        "block_owner": owner,
-        "block_index": index,
+        **paged_inputs(new_mask, cache_lens, table, owner, index, bs),
     }
     for i in range(config.n_layer):
         for part in ("key", "value"):
@@ -389,12 +387,9 @@ def _default_graph(model: GPT, input_ids, position_ids, attention_mask, *past_fl
     return (logits, *(t for kv in present for t in kv))
 
 
-def _inplace_graph(
-    model: GPT, input_ids, position_ids, new_mask, cache_lens, table, owner, index, *cache
-) -> tuple:
-    logits, new = model.forward_paged(
-        input_ids, position_ids, new_mask, cache_lens, table, owner, index, _pairs(cache)
-    )
+def _inplace_graph(model: GPT, input_ids, position_ids, *rest) -> tuple:
+    n = len(PAGED_INPUTS)  # the per-step inputs, in the signature's order, then the pools
+    logits, new = model.forward_paged(input_ids, position_ids, *rest[:n], _pairs(rest[n:]))
     return (logits, *(t for kv in new for t in kv))
 
 

@@ -11,8 +11,9 @@ Two inference paths share the weights:
 * :meth:`GPT.forward_paged` - the ``kv_inplace`` export variant. The cache is the runtime's
   pool of fixed-size blocks (vLLM's paged KV cache), read where it lies and never copied; a
   block table says which blocks hold each row's tokens. The graph returns only the new tokens'
-  keys/values and the runtime writes them into the pool. ``new_mask`` (B, S) lets a prefill
-  chunk of prompts of different lengths be padded within the chunk, as in the default path.
+  keys/values and the runtime writes them into the pool. The masks (a prefill chunk pads
+  prompts of different lengths within the chunk) and each pool block's row come as inputs,
+  computed by the runtime from its block tables (engine/paged_inputs.py).
 * :meth:`GPT.forward_static` - the torch runtime's decode step (engine/runtime/torch_runner.py).
   The cache is a static buffer the step writes into in place (index_put_), then attends over a
   fixed window of it: no shape depends on the data and nothing syncs with the host, so the step
@@ -110,21 +111,21 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         pool: KV,
         table: torch.Tensor,
-        owner: torch.Tensor,
-        index: torch.Tensor,
-        cache_allowed: torch.Tensor,
-        new_allowed: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        weights: torch.Tensor,
+        allowed: torch.Tensor,
     ) -> tuple:
         """Attend over a row's blocks of a read-only pool and its new keys; no cache is copied.
 
         ``pool`` holds (P, H, bs, D) key and value blocks; ``table`` (B, nb) lists row b's
-        blocks in token order; ``owner`` (P,) is the row a pool block belongs to (-1: none) and
-        ``index`` (P,) its place in that row's table; ``cache_allowed`` is (B, 1, 1, nb * bs),
-        ``new_allowed`` (B, 1, S, S). Scores are computed block by block against the owner's
-        queries, so each block is read where it lies (a gather of the pool would copy the
-        whole cache every step); only the small score and probability tensors are laid out
-        per row, for one softmax over cache and new tokens. Returns (y, (k, v)) with only the
-        new tokens' keys/values, (B, H, S, D).
+        blocks in token order; ``rows`` (P,) is the row whose queries score each pool block,
+        ``slots`` (P,) its place in the rows' tables (``row * nb + place``) and ``weights``
+        (B, P) 1 where a block holds row b's cache; ``allowed`` is (B, 1, S, nb * bs + S).
+        Scores are computed block by block against the owner's queries, so each block is read
+        where it lies (a gather of the pool would copy the whole cache every step); only the
+        small score and probability tensors are laid out per row, for one softmax over cache
+        and new tokens. Returns (y, (k, v)) with only the new tokens' keys/values, (B, H, S, D).
         """
         # q is scaled before its gather, so the scores' matmul keeps alpha 1: onnxruntime would
         # fold a scale applied to the product into the matmul as alpha, and MLAS's one-row
@@ -138,19 +139,15 @@ class CausalSelfAttention(nn.Module):
         W = nb * bs
         # index_select (ONNX Gather) rather than advanced indexing (GatherND): one contiguous
         # copy per index, the cheaper kernel.
-        rows = owner.clamp(min=0)  # (P,): a block nobody in this batch owns meets row 0
         scores_b = q.index_select(0, rows) @ pool_k.transpose(-2, -1)  # (P, H, S, bs)
         scores_c = scores_b.index_select(0, table.reshape(-1)).reshape(B, nb, H, S, bs)
         scores_c = scores_c.permute(0, 2, 3, 1, 4).reshape(B, H, S, W)
         scores = torch.cat([scores_c, q @ k.transpose(-2, -1)], dim=-1)
-        allowed = torch.cat([cache_allowed.expand(-1, -1, S, -1), new_allowed], dim=-1)
         p = _masked_softmax(scores, allowed)  # (B, H, S, nb*bs + S)
         p_rows = p[..., :W].reshape(B, H, S, nb, bs).permute(0, 3, 1, 2, 4)  # (B, nb, H, S, bs)
-        slot = rows * nb + torch.minimum(index.clamp(min=0), torch.full_like(index, nb - 1))
-        p_b = p_rows.reshape(B * nb, H, S, bs).index_select(0, slot)  # (P, H, S, bs)
+        p_b = p_rows.reshape(B * nb, H, S, bs).index_select(0, slots)  # (P, H, S, bs)
         out_b = (p_b @ pool_v).reshape(P, H * S * D)  # (P, H*S*D)
-        mine = (owner[None, :] == torch.arange(B, device=owner.device)[:, None]).to(q.dtype)
-        y = (mine @ out_b).reshape(B, H, S, D) + p[..., W:] @ v  # sum each row's blocks
+        y = (weights @ out_b).reshape(B, H, S, D) + p[..., W:] @ v  # sum each row's blocks
         return self._out(y), (k, v)
 
     def forward_static(
@@ -205,10 +202,8 @@ class Block(nn.Module):
         x = x + y
         return x + self.mlp(self.ln_2(x)), present
 
-    def forward_paged(self, x, pool: KV, table, owner, index, cache_allowed, new_allowed):
-        y, new = self.attn.forward_paged(
-            self.ln_1(x), pool, table, owner, index, cache_allowed, new_allowed
-        )
+    def forward_paged(self, x, pool: KV, table, rows, slots, weights, allowed):
+        y, new = self.attn.forward_paged(self.ln_1(x), pool, table, rows, slots, weights, allowed)
         x = x + y
         return x + self.mlp(self.ln_2(x)), new
 
@@ -300,34 +295,35 @@ class GPT(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        new_mask: torch.Tensor,
-        cache_lens: torch.Tensor,
+        causal_mask: torch.Tensor,
         block_table: torch.Tensor,
-        block_owner: torch.Tensor,
-        block_index: torch.Tensor,
+        block_mask: torch.Tensor,
+        block_rows: torch.Tensor,
+        block_slots: torch.Tensor,
+        block_weights: torch.Tensor,
         cache: list[KV],
     ) -> tuple[torch.Tensor, list[KV]]:
         """Return logits (B, S, V) and only the new keys/values (B, H, S, D) per layer.
 
         ``cache`` holds per-layer (key, value) pools of blocks (P, H, bs, D) that are read,
-        never copied. Row b's cached tokens are the first ``cache_lens[b]`` positions of the
-        blocks ``block_table[b]`` names (entries past them are ignored); ``block_owner`` (P,)
-        and ``block_index`` (P,) give each pool block's row in this batch (-1: none) and its
-        place in that row's table. ``new_mask`` (B, S) marks the real (not padding) new
-        tokens; every cached token precedes them (positions come from ``position_ids``).
+        never copied. ``block_table`` (B, nb) names row b's blocks in token order and
+        ``block_mask`` (B, nb, bs) which of their tokens row b attends to; ``causal_mask``
+        (B, S, S) which new tokens each new token attends to (causal, padding excluded). Per
+        pool block: ``block_rows`` (P,) the row whose queries score it, ``block_slots`` (P,)
+        ``row * nb + place`` in that row's table, ``block_weights`` (B, P) 1 where it holds
+        row b's cache (0 for blocks no row reads). The runtime computes these from its block
+        tables (engine/paged_inputs.py); in the graph they cost dozens of small nodes a step.
+        Every cached token precedes the new ones (positions come from ``position_ids``).
         """
+        B, nb, bs = block_mask.shape
         S = input_ids.shape[1]
-        bs = cache[0][0].shape[2]
-        width = torch.arange(block_table.shape[1] * bs, device=input_ids.device)
-        cache_allowed = (width[None, :] < cache_lens[:, None])[:, None, None, :]  # (B,1,1,W)
-        new_allowed = _causal(S, S, input_ids.device)[None, None] & (
-            new_mask[:, None, None, :] != 0
-        )  # (B, 1, S, S)
+        cache_allowed = block_mask.reshape(B, 1, 1, nb * bs).expand(-1, -1, S, -1)
+        allowed = torch.cat([cache_allowed, causal_mask[:, None]], dim=-1)  # (B, 1, S, W + S)
         x = self._embed(input_ids, position_ids)
         new = []
         for block, kv in zip(self.transformer.h, cache):
             x, kv_new = block.forward_paged(
-                x, kv, block_table, block_owner, block_index, cache_allowed, new_allowed
+                x, kv, block_table, block_rows, block_slots, block_weights, allowed
             )
             new.append(kv_new)
         return self._head(x), new

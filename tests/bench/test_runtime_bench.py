@@ -64,3 +64,33 @@ def test_matmul_alpha_times_the_scaled_product_it_claims():
     a, b = rng.random((2, 3, 1, 4), np.float32), rng.random((2, 3, 5, 4), np.float32)
     c = matmul_alpha.session(a.shape, b.shape, 0.125).run(None, {"a": a, "b": b})[0]
     np.testing.assert_allclose(c, 0.125 * a @ b.swapaxes(-1, -2), rtol=1e-5)
+
+
+def test_kv_graphs_reads_each_layout_and_feeds_the_same_cache_to_each(lm_repo, monkeypatch):
+    """A paged export against itself, and a dense row layout fed the same tokens."""
+    import kv_graphs
+
+    assert kv_graphs.layout({"input_ids", "block_rows", "block_slots"}) == "paged"
+    assert kv_graphs.layout({"input_ids", "block_owner", "block_index"}) == "paged-v1"
+    assert kv_graphs.layout({"input_ids", "cache_mask", "new_mask"}) == "dense"
+    with pytest.raises(SystemExit, match="not a kv_inplace graph"):
+        kv_graphs.layout({"input_ids", "attention_mask"})
+    rng = np.random.default_rng(0)
+    pools = {"cache.0.key": rng.standard_normal((6, 2, 16, 8)).astype(np.float32)}
+    table = np.array([[4, 1, 2], [0, 5, 3]])
+    ids = np.array([[5], [6]])
+    dense = kv_graphs.feeds("dense", pools, table, 40, ids)
+    assert dense["cache_mask"].shape == (2, 48) and dense["cache_mask"].sum() == 80
+    # row 1's token 17 is token 1 of its second block (pool block 5)
+    np.testing.assert_array_equal(dense["cache.0.key"][1, :, 17], pools["cache.0.key"][5, :, 1])
+    paged = kv_graphs.feeds("paged", pools, table, 40, ids)
+    assert paged["block_weights"].sum() == 6 and paged["block_mask"].sum() == 80
+    old = kv_graphs.feeds("paged-v1", pools, table, 40, ids)
+    assert old["block_owner"].tolist() == [1, 0, 0, 1, 0, 1]
+    # the tool itself, on the test model's graph against itself, on cases inside its context
+    graph = lm_repo / MODEL / "1" / "kv_inplace.onnx"
+    monkeypatch.setattr(kv_graphs, "CASES", ((1, 20), (3, 40)))
+    monkeypatch.setattr(kv_graphs, "STEPS_PER_ROUND", 10)
+    argv = ["kv_graphs", "--graph", f"a={graph}", "--graph", f"b={graph}", "--reps", "20"]
+    monkeypatch.setattr(sys, "argv", argv)
+    kv_graphs.main()

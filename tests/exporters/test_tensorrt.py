@@ -33,10 +33,11 @@ def _decoder_signature(variant: str) -> ExportSignature:
     else:
         inputs = (
             TensorSpec("input_ids", "int64", tokens),
-            TensorSpec("new_mask", "int64", tokens),
-            TensorSpec("cache_lens", "int64", ("batch",)),
+            TensorSpec("causal_mask", "bool", ("batch", "sequence", "sequence")),
             TensorSpec("block_table", "int64", ("batch", "table_blocks")),
-            TensorSpec("block_owner", "int64", ("pool_blocks",)),
+            TensorSpec("block_mask", "bool", ("batch", "table_blocks", 16)),
+            TensorSpec("block_rows", "int64", ("pool_blocks",)),
+            TensorSpec("block_weights", "float32", ("batch", "pool_blocks")),
             TensorSpec("cache.0.key", "float32", ("pool_blocks", H, 16, D)),
         )
     return ExportSignature(inputs, (TensorSpec("logits", "float32", ("batch", "sequence", 9)),))
@@ -53,9 +54,11 @@ def test_profiles_cover_prefill_decode_and_keep_sums_consistent():
     # paged: a row's table covers one context in blocks, the pool max_batch contexts
     inplace = profile_shapes(_decoder_signature("kv_inplace"), max_batch=4, max_seq=40)
     assert inplace["block_table"] == ((1, 1), (2, 2), (4, 3))
-    assert inplace["block_owner"] == ((1,), (4,), (12,))
+    assert inplace["block_rows"] == ((1,), (4,), (12,))
     assert inplace["cache.0.key"][2] == (12, H, 16, D)
-    assert inplace["cache_lens"] == ((1,), (2,), (4,))
+    assert inplace["block_mask"] == ((1, 1, 16), (2, 2, 16), (4, 3, 16))
+    assert inplace["block_weights"] == ((1, 1), (2, 4), (4, 12))
+    assert inplace["causal_mask"] == ((1, 1, 1), (2, 20, 20), (4, 40, 40))
 
 
 def test_profiles_of_fixed_and_summed_axes():

@@ -11,6 +11,7 @@ import torch
 
 from engine import checkpoint
 from engine.plugins import get_architecture
+from engine.serving_contract import KV_INPUTS
 from engine.trainer import train
 
 TINY = {  # ~250k tokens: a few seconds uncontended; the model clearly beats unigram by then
@@ -130,16 +131,7 @@ def test_the_paged_kv_inplace_graph_matches_the_default_path(
     x = arch.example_inputs(config, batch, seq, past, seed=3, variant="kv_inplace")
     t = {k: torch.from_numpy(v) for k, v in x.items()}
     pools = [(t[f"cache.{i}.key"], t[f"cache.{i}.value"]) for i in range(config.n_layer)]
-    logits, new = model.forward_paged(
-        t["input_ids"],
-        t["position_ids"],
-        t["new_mask"],
-        t["cache_lens"],
-        t["block_table"],
-        t["block_owner"],
-        t["block_index"],
-        pools,
-    )
+    logits, new = model.forward_paged(*(t[n] for n in KV_INPUTS), pools)
     # the same cache laid out densely per row: its blocks in table order
     table = t["block_table"]
     width = table.shape[1] * config.kv_block_size
@@ -148,8 +140,9 @@ def test_the_paged_kv_inplace_graph_matches_the_default_path(
         return pool[table].permute(0, 2, 1, 3, 4).reshape(batch, config.n_head, width, -1)
 
     past_kv = [(dense(k), dense(v)) for k, v in pools]
-    valid = (torch.arange(width)[None, :] < t["cache_lens"][:, None]).long()
-    attention_mask = torch.cat([valid, t["new_mask"]], dim=1)
+    valid = t["block_mask"].reshape(batch, width).long()
+    new_mask = t["causal_mask"][:, -1].long()  # the last new token sees every real one
+    attention_mask = torch.cat([valid, new_mask], dim=1)
     ref, present = model(t["input_ids"], t["position_ids"], attention_mask, past_kv)
     torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
     for (k, v), (pk, pv) in zip(new, present):
@@ -180,7 +173,7 @@ def test_export_contract_agrees(arch, model_and_config, variant, batch, seq, pas
         assert x[spec.name].dtype == np.dtype(spec.dtype), spec.name
         _axis_sizes(spec.shape, x[spec.name].shape, sizes)
     if batch > 1:  # later rows are padded, so validation covers uneven batches
-        mask = x["attention_mask"] if variant == "default" else x["new_mask"]
+        mask = x["attention_mask"] if variant == "default" else x["causal_mask"][:, -1]
         assert (mask == 0).any()
     outputs = arch.export_module(model, config, variant)(*(torch.from_numpy(v) for v in x.values()))
     assert len(outputs) == len(sig.outputs)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.paged_inputs import paged_inputs
 from engine.runtime import backends
 from engine.runtime.backends import BackendOptions, OnnxRuntimeBackend
 from engine.runtime.errors import BackendUnavailableError
@@ -52,14 +53,11 @@ def _feeds(batch: int = 3, blocks: int = 2, heads: int = 2, dim: int = 32, layer
     """A decode step of the paged graph: each row's 20 cached tokens in two pool blocks."""
     rng = np.random.default_rng(0)
     table = np.arange(batch * blocks).reshape(batch, blocks)
+    owner, index = np.repeat(np.arange(batch), blocks), np.tile(np.arange(blocks), batch)
     feeds = {
         "input_ids": rng.integers(4, 8000, (batch, 1)),
         "position_ids": np.full((batch, 1), 20),
-        "new_mask": np.ones((batch, 1), np.int64),
-        "cache_lens": np.full(batch, 20),
-        "block_table": table,
-        "block_owner": np.repeat(np.arange(batch), blocks),
-        "block_index": np.tile(np.arange(blocks), batch),
+        **paged_inputs(np.ones((batch, 1)), np.full(batch, 20), table, owner, index, 16),
     }
     for i in range(layers):
         for part in ("key", "value"):

@@ -128,6 +128,51 @@ def test_prompts_of_very_different_lengths_prefill_in_separate_calls_with_the_sa
     assert [o.token_ids for o in outs[:2]] == alone
 
 
+def test_every_decode_steps_block_inputs_describe_each_rows_cache(lm_repo, prompts):
+    """Steps that reuse the last step's block inputs (one more token unmasked) and steps that
+    recompute them (a new block, a row leaving) alike: each row attends to exactly its cached
+    tokens, and every block weighted for a row is that row's, at its place in the row's table."""
+    engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig(max_num_seqs=4))
+    checked = []
+    run = engine.runner.backend.run
+
+    def spy(feeds, *args, **kwargs):
+        if feeds["input_ids"].shape[1] == 1:  # a decode step
+            n, nb, bs = feeds["block_mask"].shape
+            mask = feeds["block_mask"].reshape(n, -1)
+            lengths = feeds["position_ids"][:, 0]  # = each row's cached tokens
+            assert (mask.sum(axis=1) == lengths).all()
+            assert all(mask[b, : lengths[b]].all() for b in range(n))
+            table, weights = feeds["block_table"], feeds["block_weights"]
+            rows, slots = feeds["block_rows"], feeds["block_slots"]
+            for b in range(n):
+                mine = np.flatnonzero(weights[b])
+                held = -(-int(lengths[b]) // bs)
+                assert sorted(mine.tolist()) == sorted(table[b, :held].tolist())
+                assert (rows[mine] == b).all()
+                assert (table.reshape(-1)[slots[mine]] == mine).all()
+            assert weights.sum() == sum(-(-int(x) // bs) for x in lengths)
+            checked.append(n)
+        return run(feeds, *args, **kwargs)
+
+    engine.runner.backend.run = spy
+    recomputed = []
+    block_inputs = engine.runner._block_inputs
+    engine.runner._block_inputs = lambda *a: recomputed.append(1) or block_inputs(*a)
+    mixed = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (5, 30, 12)]
+    outs = {}
+    for i, p in enumerate(prompts):  # 6 requests through 4 slots: rows come and go
+        engine.add_request(p, mixed[i % 3], request_id=str(i))
+    while engine.has_unfinished:
+        for out in engine.step():
+            outs[out.request_id] = out.token_ids
+    assert len(checked) >= 30 and len(set(checked)) >= 2
+    assert 5 < len(recomputed) < len(checked) - 5  # both kinds of step were checked
+    session = load_session(lm_repo / MODEL / "1" / "model.onnx", threads=1)
+    for i, p in enumerate(prompts):
+        assert outs[str(i)] == greedy(session, [p], mixed[i % 3].max_tokens)[0].tolist()
+
+
 def test_a_lone_decode_binds_only_the_pool_blocks_its_sequence_holds(lm_repo, prompts):
     """Every pool block bound is scored by the graph: one row binds exactly its own blocks."""
     engine = Engine.from_repository(lm_repo, MODEL, threads=1, config=EngineConfig())
@@ -136,7 +181,7 @@ def test_a_lone_decode_binds_only_the_pool_blocks_its_sequence_holds(lm_repo, pr
 
     def spy(feeds, *args, **kwargs):
         if feeds["input_ids"].shape == (1, 1):  # a one-row decode step
-            seen.append((len(feeds["block_owner"]), int(feeds["block_table"].max()) + 1))
+            seen.append((len(feeds["block_rows"]), int(feeds["block_table"].max()) + 1))
         return run(feeds, *args, **kwargs)
 
     engine.runner.backend.run = spy
@@ -436,6 +481,41 @@ def test_a_version_exported_before_the_paged_cache_asks_to_be_re_exported():
         "lm", 1, "onnx", "generate", "decoder-lm", serving, graphs={"kv_inplace": old}
     )
     with pytest.raises(ServingContractError, match="re-export"):
+        check_serving(manifest, "model 'lm' version 1")
+
+
+def test_a_paged_graph_computing_its_own_masks_asks_to_be_re_exported():
+    """The paged graph before the runtime fed its masks and block roles: one line, re-export."""
+    from engine.repository import Manifest
+    from engine.runtime.errors import ModelSignatureError
+    from engine.runtime.model_runner import InplaceGraph
+    from engine.serving_contract import ServingContractError, check_serving
+
+    def spec(name, shape, dtype="int64"):
+        return {"name": name, "dtype": dtype, "shape": shape}
+
+    pool = ["pool_blocks", 2, 16, 32]
+    old = {
+        "inputs": [
+            spec("input_ids", ["batch", "sequence"]),
+            spec("position_ids", ["batch", "sequence"]),
+            spec("new_mask", ["batch", "sequence"]),
+            spec("cache_lens", ["batch"]),
+            spec("block_table", ["batch", "table_blocks"]),
+            spec("block_owner", ["pool_blocks"]),
+            spec("block_index", ["pool_blocks"]),
+            spec("cache.0.key", pool, "float32"),
+            spec("cache.0.value", pool, "float32"),
+        ],
+        "outputs": [spec("logits", ["batch", "sequence", 8], "float32")],
+    }
+    with pytest.raises(ModelSignatureError, match="block_owner.*re-export"):
+        InplaceGraph.from_manifest(old)
+    serving = {"context_length": 64, "vocab_size": 8}
+    manifest = Manifest(
+        "lm", 1, "onnx", "generate", "decoder-lm", serving, graphs={"kv_inplace": old}
+    )
+    with pytest.raises(ServingContractError, match="computes its masks.*re-export"):
         check_serving(manifest, "model 'lm' version 1")
 
 

@@ -1,0 +1,131 @@
+"""Exported ``kv_inplace`` decode graphs, timed interleaved in one process on the same cache.
+
+``bench/kv_layouts.py`` builds its candidates from today's model code; this one takes graph files
+as they were exported - a version from before the paged KV cache, one from before the runtime fed
+the paged graph its masks, today's - so a change of the graph can be measured against the graph
+it replaced, not a rebuild of it. The layout is read from each graph's inputs:
+
+- ``dense``: ``cache_mask`` and one contiguous (batch, heads, window, head_dim) cache per row
+  (the window rounded up to 16 tokens, as the dense runtime bound it);
+- ``paged-v1``: ``block_owner``/``block_index``: the graph computed masks and block roles;
+- ``paged``: ``block_rows``/``block_slots``/``block_weights`` (engine/paged_inputs.py).
+
+Every graph gets the same cache contents (each row's tokens in shuffled pool blocks for the paged
+ones) and must give the first graph's logits. The graphs must share a model shape (and, for the
+logits check, weights: e.g. the same checkpoint exported by two versions). Time is process CPU
+time per decode step with one onnxruntime thread, median of interleaved rounds of 100 steps.
+
+    python bench/kv_graphs.py --graph before=OLD/lm/1/kv_inplace.onnx \\
+        --graph after=NEW/lm/1/kv_inplace.onnx [--reps 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+from engine.paged_inputs import paged_inputs
+
+CASES = ((1, 48), (1, 96), (1, 144), (16, 64), (16, 112), (16, 144))  # (batch, cached tokens)
+# Long rounds: switching graphs evicts the last one's weights (20-30 MB) from the CPU caches, and
+# reloading them costs a few ms; over rounds of 10 steps that inflated every graph's time by
+# up to ~20%, the larger file's most.
+STEPS_PER_ROUND = 100
+
+
+def layout(names: set[str]) -> str:
+    """Which kind of kv_inplace graph takes these inputs."""
+    if "block_rows" in names:
+        return "paged"
+    if "block_owner" in names:
+        return "paged-v1"
+    if "cache_mask" in names:
+        return "dense"
+    raise SystemExit(f"not a kv_inplace graph this tool knows: inputs {sorted(names)}")
+
+
+def feeds(kind: str, pools: dict, table: np.ndarray, cached: int, ids: np.ndarray) -> dict:
+    """One decode step's inputs for a graph of layout ``kind``: every row has ``cached`` tokens,
+    held in ``pools`` (name -> (P, H, bs, D)) at the blocks ``table`` names."""
+    batch, nb = table.shape
+    bs = next(iter(pools.values())).shape[2]
+    f = {"input_ids": ids, "position_ids": np.full((batch, 1), cached, np.int64)}
+    ones = np.ones((batch, 1), np.int64)
+    if kind == "dense":
+        window = -(-(cached + 1) // 16) * 16
+        f["cache_mask"] = (np.arange(window)[None] < cached).repeat(batch, 0).astype(np.int64)
+        f["new_mask"] = ones
+        for name, pool in pools.items():
+            H, D = pool.shape[1], pool.shape[3]
+            dense = np.zeros((batch, H, window, D), pool.dtype)
+            rows = pool[table].transpose(0, 2, 1, 3, 4).reshape(batch, H, nb * bs, D)
+            dense[:, :, : min(window, nb * bs)] = rows[:, :, :window]
+            f[name] = dense
+        return f
+    P = len(next(iter(pools.values())))
+    owner, index = np.full(P, -1, np.int64), np.zeros(P, np.int64)
+    owner[table], index[table] = np.arange(batch)[:, None], np.arange(nb)[None, :]
+    lens = np.full(batch, cached, np.int64)
+    if kind == "paged-v1":
+        f.update(new_mask=ones, cache_lens=lens, block_table=table, block_owner=owner)
+        f["block_index"] = index
+    else:
+        f.update(paged_inputs(ones, lens, table, owner, index, bs))
+    return {**f, **pools}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--graph", action="append", required=True, help="NAME=PATH, repeatable")
+    ap.add_argument("--reps", type=int, default=1000, help="decode steps per case and graph")
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    sessions, kinds = {}, {}
+    for item in args.graph:
+        name, _, path = item.partition("=")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+        so.log_severity_level = 3
+        sessions[name] = ort.InferenceSession(path, so)
+        kinds[name] = layout({i.name for i in sessions[name].get_inputs()})
+    first = sessions[next(iter(sessions))]
+    kv = [i for i in first.get_inputs() if i.name.startswith("cache.")]
+    H, D = kv[0].shape[1], kv[0].shape[3]
+    vocab = first.get_outputs()[0].shape[-1]
+    bs = 16
+    print(f"# load avg {os.getloadavg()[0]:.1f}; CPU ms per decode step, 1 thread; layouts {kinds}")
+    print(f"# median of {args.reps // STEPS_PER_ROUND} interleaved rounds of {STEPS_PER_ROUND}")
+    names = list(sessions)
+    for batch, cached in CASES:
+        rng = np.random.default_rng(batch + cached)
+        nb = -(-cached // bs)
+        table = rng.permutation(batch * nb).reshape(batch, nb)
+        ids = rng.integers(4, min(vocab, 8000), (batch, 1))
+        pools = {i.name: rng.standard_normal((batch * nb, H, bs, D)).astype(np.float32) for i in kv}
+        step = {n: feeds(kinds[n], pools, table, cached, ids) for n in names}
+        ref = sessions[names[0]].run(None, step[names[0]])[0]
+        for n in names[1:]:
+            diff = float(np.abs(sessions[n].run(None, step[n])[0] - ref).max())
+            assert diff < 1e-3, f"{n} disagrees with {names[0]}: {diff} (the same weights?)"
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(args.reps // STEPS_PER_ROUND):
+            for n in names:
+                t0 = time.process_time()
+                for _ in range(STEPS_PER_ROUND):
+                    sessions[n].run(None, step[n])
+                times[n].append((time.process_time() - t0) / STEPS_PER_ROUND * 1e3)
+        base = statistics.median(times[names[0]])
+        cells = [
+            f"{n} {statistics.median(t):.3f} x{statistics.median(t) / base:.3f}"
+            for n, t in times.items()
+        ]
+        print(f"batch {batch:2d}, {cached:3d} cached: " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
