@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from engine.paged_inputs import paged_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_layouts import compare_interleaved  # noqa: E402
 
 CASES = ((1, 48), (1, 96), (1, 144), (16, 64), (16, 112), (16, 144))  # (batch, cached tokens)
 # Long rounds: switching graphs evicts the last one's weights (20-30 MB) from the CPU caches, and
@@ -108,23 +111,8 @@ def main() -> None:
         ids = rng.integers(4, min(vocab, 8000), (batch, 1))
         pools = {i.name: rng.standard_normal((batch * nb, H, bs, D)).astype(np.float32) for i in kv}
         step = {n: feeds(kinds[n], pools, table, cached, ids) for n in names}
-        ref = sessions[names[0]].run(None, step[names[0]])[0]
-        for n in names[1:]:
-            diff = float(np.abs(sessions[n].run(None, step[n])[0] - ref).max())
-            assert diff < 1e-3, f"{n} disagrees with {names[0]}: {diff} (the same weights?)"
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for _ in range(args.reps // STEPS_PER_ROUND):
-            for n in names:
-                t0 = time.process_time()
-                for _ in range(STEPS_PER_ROUND):
-                    sessions[n].run(None, step[n])
-                times[n].append((time.process_time() - t0) / STEPS_PER_ROUND * 1e3)
-        base = statistics.median(times[names[0]])
-        cells = [
-            f"{n} {statistics.median(t):.3f} x{statistics.median(t) / base:.3f}"
-            for n, t in times.items()
-        ]
-        print(f"batch {batch:2d}, {cached:3d} cached: " + " | ".join(cells), flush=True)
+        rounds = args.reps // STEPS_PER_ROUND
+        compare_interleaved(sessions, step, rounds, STEPS_PER_ROUND, batch, cached)
 
 
 if __name__ == "__main__":

@@ -204,24 +204,36 @@ def main() -> None:
         for n in names:  # the same seed: the same cache contents for every candidate
             f = feeds(n, batch, cached, np.random.default_rng(batch + cached))
             same[n] = {k: v for k, v in f.items() if k in wanted[n]}
-        ref = sessions[names[0]].run(None, same[names[0]])[0]
-        for n in names[1:]:
-            diff = float(np.abs(sessions[n].run(None, same[n])[0] - ref).max())
-            assert diff < 1e-3, f"{n} disagrees with {names[0]}: {diff}"
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for _ in range(args.reps // STEPS_PER_ROUND):  # fine-grained: drift hits all alike
-            for n in names:
-                t0 = time.process_time()
-                for _ in range(STEPS_PER_ROUND):
-                    sessions[n].run(None, same[n])
-                times[n].append((time.process_time() - t0) / STEPS_PER_ROUND * 1e3)
-        base = statistics.median(times[names[0]])
-        cells = [
-            f"{n} {statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f}) "
-            f"x{statistics.median(t) / base:.2f}"
-            for n, t in times.items()
-        ]
-        print(f"batch {batch:2d}, {cached:3d} cached: " + " | ".join(cells), flush=True)
+        rounds = args.reps // STEPS_PER_ROUND
+        compare_interleaved(sessions, same, rounds, STEPS_PER_ROUND, batch, cached)
+
+
+def compare_interleaved(
+    sessions: dict, feeds: dict, rounds: int, steps: int, batch: int, cached: int
+) -> dict[str, list[float]]:
+    """Check every session gives the first one's logits on its ``feeds``, then time them in
+    ``rounds`` interleaved rounds of ``steps`` runs (drift hits all alike); print one line of
+    CPU ms per run, median (min-max) and / the first, and return the rounds' times."""
+    names = list(sessions)
+    ref = sessions[names[0]].run(None, feeds[names[0]])[0]
+    for n in names[1:]:
+        diff = float(np.abs(sessions[n].run(None, feeds[n])[0] - ref).max())
+        assert diff < 1e-3, f"{n} disagrees with {names[0]}: {diff} (the same weights?)"
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            t0 = time.process_time()
+            for _ in range(steps):
+                sessions[n].run(None, feeds[n])
+            times[n].append((time.process_time() - t0) / steps * 1e3)
+    base = statistics.median(times[names[0]])
+    cells = [
+        f"{n} {statistics.median(t):.3f} ({min(t):.3f}-{max(t):.3f}) "
+        f"x{statistics.median(t) / base:.3f}"
+        for n, t in times.items()
+    ]
+    print(f"batch {batch:2d}, {cached:3d} cached: " + " | ".join(cells), flush=True)
+    return times
 
 
 if __name__ == "__main__":

@@ -452,70 +452,59 @@ def test_greedy_outputs_are_identical_with_prefix_caching_on_and_off(lm_repo):
     assert on[3] == greedy(session, [shared[3]], 20)[0].tolist()
 
 
-def test_a_version_exported_before_the_paged_cache_asks_to_be_re_exported():
+def _spec(name, shape, dtype="int64"):
+    return {"name": name, "dtype": dtype, "shape": shape}
+
+
+_DENSE_ROW = ["batch", 2, "cache_sequence", 32]
+_POOL = ["pool_blocks", 2, 16, 32]
+# kv_inplace signatures of earlier exports, besides input_ids and position_ids
+OLD_KV_INPUTS = {
+    # before the paged cache: one dense cache row per sequence
+    "dense": [
+        _spec("cache_mask", ["batch", "cache_sequence"]),
+        _spec("new_mask", ["batch", "sequence"]),
+        _spec("cache.0.key", _DENSE_ROW, "float32"),
+        _spec("cache.0.value", _DENSE_ROW, "float32"),
+    ],
+    # paged, but computing its masks and block roles in the graph
+    "paged-v1": [
+        _spec("new_mask", ["batch", "sequence"]),
+        _spec("cache_lens", ["batch"]),
+        _spec("block_table", ["batch", "table_blocks"]),
+        _spec("block_owner", ["pool_blocks"]),
+        _spec("block_index", ["pool_blocks"]),
+        _spec("cache.0.key", _POOL, "float32"),
+        _spec("cache.0.value", _POOL, "float32"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "layout,why",
+    [("dense", "before the paged KV cache"), ("paged-v1", "computes its masks and block rows")],
+)
+def test_a_version_exported_with_an_older_kv_graph_asks_to_be_re_exported(layout, why):
+    """The runner and the server's load check (the serving contract) both refuse it in one
+    line that says why and to re-export, before building anything."""
+    from engine.repository import Manifest
     from engine.runtime.errors import ModelSignatureError
     from engine.runtime.model_runner import InplaceGraph
-
-    def spec(name, shape):
-        return {"name": name, "dtype": "float32", "shape": shape}
-
-    old = {  # the kv_inplace signature of earlier exports: one dense cache row per sequence
-        "inputs": [
-            spec("input_ids", ["batch", "sequence"]),
-            spec("position_ids", ["batch", "sequence"]),
-            spec("cache_mask", ["batch", "cache_sequence"]),
-            spec("new_mask", ["batch", "sequence"]),
-            spec("cache.0.key", ["batch", 2, "cache_sequence", 32]),
-            spec("cache.0.value", ["batch", 2, "cache_sequence", 32]),
-        ],
-        "outputs": [spec("logits", ["batch", "sequence", 8]), spec("new.0.key", [])],
-    }
-    with pytest.raises(ModelSignatureError, match="re-export"):
-        InplaceGraph.from_manifest(old)
-    # the server's load check (the serving contract) says the same before building a runner
-    from engine.repository import Manifest
     from engine.serving_contract import ServingContractError, check_serving
 
-    serving = {"context_length": 64, "vocab_size": 8}
-    manifest = Manifest(
-        "lm", 1, "onnx", "generate", "decoder-lm", serving, graphs={"kv_inplace": old}
-    )
-    with pytest.raises(ServingContractError, match="re-export"):
-        check_serving(manifest, "model 'lm' version 1")
-
-
-def test_a_paged_graph_computing_its_own_masks_asks_to_be_re_exported():
-    """The paged graph before the runtime fed its masks and block roles: one line, re-export."""
-    from engine.repository import Manifest
-    from engine.runtime.errors import ModelSignatureError
-    from engine.runtime.model_runner import InplaceGraph
-    from engine.serving_contract import ServingContractError, check_serving
-
-    def spec(name, shape, dtype="int64"):
-        return {"name": name, "dtype": dtype, "shape": shape}
-
-    pool = ["pool_blocks", 2, 16, 32]
+    tokens = ["batch", "sequence"]
     old = {
-        "inputs": [
-            spec("input_ids", ["batch", "sequence"]),
-            spec("position_ids", ["batch", "sequence"]),
-            spec("new_mask", ["batch", "sequence"]),
-            spec("cache_lens", ["batch"]),
-            spec("block_table", ["batch", "table_blocks"]),
-            spec("block_owner", ["pool_blocks"]),
-            spec("block_index", ["pool_blocks"]),
-            spec("cache.0.key", pool, "float32"),
-            spec("cache.0.value", pool, "float32"),
-        ],
-        "outputs": [spec("logits", ["batch", "sequence", 8], "float32")],
+        "inputs": [_spec("input_ids", tokens), _spec("position_ids", tokens)]
+        + OLD_KV_INPUTS[layout],
+        "outputs": [_spec("logits", ["batch", "sequence", 8], "float32"), _spec("new.0.key", [])],
     }
-    with pytest.raises(ModelSignatureError, match="block_owner.*re-export"):
+    with pytest.raises(ModelSignatureError, match=f"{why}.*re-export"):
         InplaceGraph.from_manifest(old)
     serving = {"context_length": 64, "vocab_size": 8}
     manifest = Manifest(
         "lm", 1, "onnx", "generate", "decoder-lm", serving, graphs={"kv_inplace": old}
     )
-    with pytest.raises(ServingContractError, match="computes its masks.*re-export"):
+    with pytest.raises(ServingContractError, match=f"{why}.*re-export"):
         check_serving(manifest, "model 'lm' version 1")
 
 
