@@ -37,9 +37,8 @@ from kv_layouts import compare_interleaved  # noqa: E402
 # the next token) and the paged blocks cover the same tokens; at a multiple of 16 the dense graph
 # would attend over a whole empty block more than the paged one (biased against dense)
 CASES = ((1, 40), (1, 88), (1, 136), (16, 56), (16, 104), (16, 136))
-# Long rounds: switching graphs evicts the last one's weights (20-30 MB) from the CPU caches, and
-# reloading them costs a few ms; over rounds of 10 steps that inflated every graph's time by
-# up to ~20%, the larger file's most.
+# Long rounds: each switch to another graph brings its 20-30 MB of weights back into the CPU
+# caches; over 100 steps a round that is a small share of the round.
 STEPS_PER_ROUND = 100
 
 
