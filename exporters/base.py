@@ -83,6 +83,32 @@ class LabelMismatch(ValidationError):
     """An fp32 classifier graph predicted a different label than PyTorch for some input."""
 
 
+# fp16 floors, shared by the PyTorch and the transformers checks: near-ties may flip in half
+# precision, never more than this
+FP16_MIN_TOP1 = 0.99  # teacher-forced top-1 agreement of an fp16 LM graph
+FP16_MIN_LABEL_AGREEMENT = 0.995  # labels of an fp16 classifier graph
+
+
+def require_label_agreement(labels, expected, fp16: bool, what: str, ref: str, unit: str) -> float:
+    """Return the fraction of ``labels`` equal to ``expected`` (``ref``'s, over ``unit``).
+
+    fp32: raise :class:`LabelMismatch` if any differs; fp16: raise :class:`AgreementTooLow`
+    below :data:`FP16_MIN_LABEL_AGREEMENT`.
+    """
+    agree = float((labels == expected).mean())
+    if not fp16 and agree < 1.0:
+        raise LabelMismatch(
+            f"{what}: predicted label differs from {ref} on "
+            f"{int((labels != expected).sum())} of {labels.size} {unit}"
+        )
+    if fp16 and agree < FP16_MIN_LABEL_AGREEMENT:
+        raise AgreementTooLow(
+            f"{what} (fp16): label agreement with {ref} {agree:.2%} is below "
+            f"{FP16_MIN_LABEL_AGREEMENT:.1%}; export in fp32"
+        )
+    return agree
+
+
 class PixelErrorTooLarge(ValidationError):
     """Generated images differ from PyTorch's by more than the signature's tolerance."""
 

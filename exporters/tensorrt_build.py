@@ -10,7 +10,7 @@ TF32 off, so an fp32 engine is held to fp32 tolerances. The timing cache is kept
 Validation runs every engine against its ONNX graph (onnxruntime) on example inputs, at the
 signature's fp32 or fp16 tolerance, and, for a ``generate`` model, decodes greedy tokens through
 the engine's KV cache: identical to onnxruntime's in fp32, teacher-forced top-1 agreement in
-fp16 (the ONNX export's own bar, :data:`exporters.validate.FP16_MIN_TOP1`).
+fp16 (the ONNX export's own bar, :data:`exporters.base.FP16_MIN_TOP1`).
 
 Written against the TensorRT 10 Python API. Where ``tensorrt`` or a CUDA GPU is missing,
 :func:`require_tensorrt` raises TensorRTUnavailable before anything is written.
@@ -309,7 +309,8 @@ def greedy_check(
     if getattr(arch, "task", None) != "generate":
         return None
     from engine.graph_decoder import GraphDecoder, ort_runner
-    from exporters.validate import FP16_MIN_TOP1, GREEDY_TOKENS, ort_session
+    from exporters.base import FP16_MIN_TOP1
+    from exporters.validate import GREEDY_TOKENS, ort_session
 
     signature = arch.export_signature(config, variant)
     example = arch.example_inputs(config, 1, 1, 0, seed=0, variant=variant)

@@ -20,9 +20,9 @@ import torch
 from engine.architecture import ExportSignature
 from engine.graph_decoder import GraphDecoder, Runner, ort_runner, torch_runner
 from exporters.base import (
+    FP16_MIN_TOP1,
     AgreementTooLow,
     GreedyMismatch,
-    LabelMismatch,
     OutputNamesMismatch,
     PixelErrorTooLarge,
     ShapeMismatch,
@@ -30,6 +30,7 @@ from exporters.base import (
     ValuesMismatch,
     greedy_agreement,
     require_identical_greedy,
+    require_label_agreement,
 )
 from exporters.memory import release_memory
 from exporters.onnx_export import context_length
@@ -39,8 +40,6 @@ from exporters.progress import Stages
 CASES = ((1, 1, 0), (1, 7, 0), (3, 5, 0), (2, 1, 4), (4, 3, 6))
 GREEDY_TOKENS = 64
 MIN_GREEDY_PROMPTS = 8
-FP16_MIN_TOP1 = 0.99  # teacher-forced top-1 agreement of an fp16 LM graph
-FP16_MIN_LABEL_AGREEMENT = 0.995
 CLASSIFY_ROWS = 256
 IMAGE_ROWS = 256
 SNIPPETS = (  # Python prompts for LMs that ship a tokenizer; random ids otherwise
@@ -293,18 +292,10 @@ class ClassifyCheck:
             got.append(g["onnx"](feeds)[g["signature"].output_names()[0]].argmax(-1))
             ref.append(g["torch"](feeds)[g["signature"].output_names()[0]].argmax(-1))
         got_all, ref_all = np.concatenate(got), np.concatenate(ref)
-        agree = float((got_all == ref_all).mean())
-        self.graphs[variant] = {"rows": int(got_all.size), "label_agreement": agree}
-        if not fp16 and agree < 1.0:
-            raise LabelMismatch(
-                f"graph {variant!r}: predicted label differs from PyTorch on "
-                f"{int((got_all != ref_all).sum())} of {got_all.size} rows"
-            )
-        if fp16 and agree < FP16_MIN_LABEL_AGREEMENT:
-            raise AgreementTooLow(
-                f"graph {variant!r} (fp16): label agreement {agree:.2%} is below "
-                f"{FP16_MIN_LABEL_AGREEMENT:.1%}; export in fp32"
-            )
+        what = f"graph {variant!r}"
+        self.graphs[variant] = {"rows": int(got_all.size)}
+        agree = require_label_agreement(got_all, ref_all, fp16, what, "PyTorch", "rows")
+        self.graphs[variant]["label_agreement"] = agree
 
     def result(self) -> dict:
         """The manifest's figures for every graph added."""
