@@ -31,11 +31,24 @@ from engine.repository import Manifest, RepositoryError
 TASKS = ("generate", "classify", "sample_images")
 # the paged kv_inplace graph's inputs besides the cache pools (engine/paged_inputs.py)
 KV_INPUTS = ("input_ids", "position_ids", *PAGED_INPUTS)
-REEXPORT_OLD_PAGED = (
-    "its kv_inplace graph computes its masks and block rows itself (inputs new_mask,"
-    " cache_lens, block_owner, block_index), from before the runtime gave them as inputs;"
-    " re-export it (engine export CHECKPOINT --repo REPO)"
-)
+
+
+def outdated_kv_graph(input_names) -> str | None:
+    """Why a ``kv_inplace`` graph with these inputs predates this runtime (it must be
+    re-exported), or None: the runner and the server's load check say the same."""
+    names = set(input_names)
+    if "cache_mask" in names and "block_table" not in names:
+        why = "reads one contiguous cache row per sequence, from before the paged KV cache"
+    elif names.issuperset(OLD_PAGED_INPUTS):
+        why = (
+            "computes its masks and block rows itself (inputs new_mask, cache_lens,"
+            " block_owner, block_index), from before the runtime gave them as inputs"
+        )
+    else:
+        return None
+    return f"its kv_inplace graph {why}; re-export it (engine export CHECKPOINT --repo REPO)"
+
+
 DOCS = "docs/plugins.md#the-serving-contract"
 
 
@@ -90,13 +103,9 @@ def check_serving(manifest: Manifest, where: str, root: Path | None = None) -> N
         _need(serving, "vocab_size", int, what)
         files.append(serving.get("tokenizer", "tokenizer.json"))
         inputs = _graph_inputs(manifest, "kv_inplace", what)
-        if "cache_mask" in inputs and "block_table" not in inputs:
-            raise ServingContractError(
-                f"{what}: its kv_inplace graph reads one contiguous cache row per sequence, from"
-                " before the paged KV cache; re-export it (engine export CHECKPOINT --repo REPO)"
-            )
-        if all(n in inputs for n in OLD_PAGED_INPUTS):
-            raise ServingContractError(f"{what}: {REEXPORT_OLD_PAGED}")
+        outdated = outdated_kv_graph(inputs)
+        if outdated:
+            raise ServingContractError(f"{what}: {outdated}")
         _need_inputs(inputs, KV_INPUTS, what, "kv")
     elif task == "classify":
         labels = _need(serving, "labels", list, what)

@@ -32,7 +32,7 @@ from engine.runtime.kv_pool import DeviceKVPool, HostKVPool
 from engine.runtime.sampler import SamplerOutput
 from engine.runtime.sampling_state import SamplingState
 from engine.runtime.scheduler import SchedulerOutput
-from engine.serving_contract import KV_INPUTS, REEXPORT_OLD_PAGED
+from engine.serving_contract import KV_INPUTS, outdated_kv_graph
 
 _TOKEN_INPUTS = KV_INPUTS  # the paged graph's inputs besides the cache pools
 # A decode step binds the pool up to a multiple of min(this, rows) blocks: with many rows a
@@ -58,14 +58,9 @@ class InplaceGraph:
         """Read the roles from a manifest's graph entry (its ``inputs``/``outputs`` lists)."""
         inputs = {t["name"]: t for t in graph["inputs"]}
         outputs = [t["name"] for t in graph["outputs"]]
-        if "cache_mask" in inputs and "block_table" not in inputs:
-            raise ModelSignatureError(
-                "this version's kv_inplace graph reads one contiguous cache row per sequence, "
-                "from before the paged KV cache; re-export it (engine export CHECKPOINT --repo "
-                "REPO) to serve it with this runtime"
-            )
-        if "block_owner" in inputs and "block_rows" not in inputs:
-            raise ModelSignatureError(f"this version: {REEXPORT_OLD_PAGED} to serve it")
+        outdated = outdated_kv_graph(inputs)
+        if outdated:
+            raise ModelSignatureError(f"this version: {outdated} to serve it with this runtime")
         missing = [n for n in _TOKEN_INPUTS if n not in inputs]
         if missing:
             raise ModelSignatureError(f"the kv_inplace graph lacks inputs {missing}")
