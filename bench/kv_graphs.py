@@ -11,7 +11,7 @@ it replaced, not a rebuild of it. The layout is read from each graph's inputs:
 - ``paged``: ``block_rows``/``block_slots``/``block_weights`` (engine/paged_inputs.py).
 
 Every graph gets the same cache contents (each row's tokens in shuffled pool blocks for the paged
-ones) and must give the first graph's logits. The graphs must share a model shape (and, for the
+ones, of the block size the graph was exported with) and must give the first graph's logits. The graphs must share a model shape (and, for the
 logits check, weights: e.g. the same checkpoint exported by two versions). Time is process CPU
 time per decode step with one onnxruntime thread, median of interleaved rounds of 100 steps.
 
@@ -53,25 +53,33 @@ def layout(names: set[str]) -> str:
     raise SystemExit(f"not a kv_inplace graph this tool knows: inputs {sorted(names)}")
 
 
-def feeds(kind: str, pools: dict, table: np.ndarray, cached: int, ids: np.ndarray) -> dict:
+def feeds(kind: str, tokens: dict, cached: int, ids: np.ndarray, bs: int, rng) -> dict:
     """One decode step's inputs for a graph of layout ``kind``: every row has ``cached`` tokens,
-    held in ``pools`` (name -> (P, H, bs, D)) at the blocks ``table`` names."""
-    batch, nb = table.shape
-    bs = next(iter(pools.values())).shape[2]
+    ``tokens`` (name -> (batch, H, cached, D)); paged graphs get them in shuffled pool blocks of
+    ``bs`` tokens."""
+    first = next(iter(tokens.values()))
+    batch, H, _, D = first.shape
     f = {"input_ids": ids, "position_ids": np.full((batch, 1), cached, np.int64)}
     ones = np.ones((batch, 1), np.int64)
     if kind == "dense":
         window = -(-(cached + 1) // 16) * 16
         f["cache_mask"] = (np.arange(window)[None] < cached).repeat(batch, 0).astype(np.int64)
         f["new_mask"] = ones
-        for name, pool in pools.items():
-            H, D = pool.shape[1], pool.shape[3]
-            dense = np.zeros((batch, H, window, D), pool.dtype)
-            rows = pool[table].transpose(0, 2, 1, 3, 4).reshape(batch, H, nb * bs, D)
-            dense[:, :, : min(window, nb * bs)] = rows[:, :, :window]
+        for name, rows in tokens.items():
+            dense = np.zeros((batch, H, window, D), rows.dtype)
+            dense[:, :, :cached] = rows
             f[name] = dense
         return f
-    P = len(next(iter(pools.values())))
+    nb = -(-cached // bs)
+    table = rng.permutation(batch * nb).reshape(batch, nb)
+    pools = {}
+    for name, rows in tokens.items():
+        padded = np.zeros((batch, H, nb * bs, D), rows.dtype)
+        padded[:, :, :cached] = rows
+        pool = np.zeros((batch * nb, H, bs, D), rows.dtype)
+        pool[table] = padded.reshape(batch, H, nb, bs, D).transpose(0, 2, 1, 3, 4)
+        pools[name] = pool
+    P = batch * nb
     owner, index = np.full(P, -1, np.int64), np.zeros(P, np.int64)
     owner[table], index[table] = np.arange(batch)[:, None], np.arange(nb)[None, :]
     lens = np.full(batch, cached, np.int64)
@@ -81,6 +89,12 @@ def feeds(kind: str, pools: dict, table: np.ndarray, cached: int, ids: np.ndarra
     else:
         f.update(paged_inputs(ones, lens, table, owner, index, bs))
     return {**f, **pools}
+
+
+def block_size(session) -> int:
+    """A paged graph's tokens per block (its pool inputs' third axis); 16 if not fixed."""
+    dim = next(i for i in session.get_inputs() if i.name.startswith("cache.")).shape[2]
+    return dim if isinstance(dim, int) else 16
 
 
 def main() -> None:
@@ -102,17 +116,16 @@ def main() -> None:
     kv = [i for i in first.get_inputs() if i.name.startswith("cache.")]
     H, D = kv[0].shape[1], kv[0].shape[3]
     vocab = first.get_outputs()[0].shape[-1]
-    bs = 16
+    sizes = {n: block_size(s) if kinds[n] != "dense" else None for n, s in sessions.items()}
     print(f"# load avg {os.getloadavg()[0]:.1f}; CPU ms per decode step, 1 thread; layouts {kinds}")
+    print(f"# tokens per block {sizes}")
     print(f"# median of {args.reps // STEPS_PER_ROUND} interleaved rounds of {STEPS_PER_ROUND}")
     names = list(sessions)
     for batch, cached in CASES:
         rng = np.random.default_rng(batch + cached)
-        nb = -(-cached // bs)
-        table = rng.permutation(batch * nb).reshape(batch, nb)
         ids = rng.integers(4, min(vocab, 8000), (batch, 1))
-        pools = {i.name: rng.standard_normal((batch * nb, H, bs, D)).astype(np.float32) for i in kv}
-        step = {n: feeds(kinds[n], pools, table, cached, ids) for n in names}
+        tokens = {i.name: rng.standard_normal((batch, H, cached, D)).astype(np.float32) for i in kv}
+        step = {n: feeds(kinds[n], tokens, cached, ids, sizes[n] or 16, rng) for n in names}
         rounds = args.reps // STEPS_PER_ROUND
         compare_interleaved(sessions, step, rounds, STEPS_PER_ROUND, batch, cached)
 

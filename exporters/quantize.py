@@ -49,6 +49,7 @@ def quantize_graph(path: Path, scheme: QuantScheme = INT8) -> dict[str, Any]:
     model = onnx.load(str(path))
     ops_before = _op_counts(model.graph)
     unshared = unshare_transposed_tables(model.graph)
+    gemms = gemms_to_matmuls(model.graph)
     tied = tied_embeddings(model.graph)
     quantizer = nbits.MatMulNBitsQuantizer(
         model,
@@ -74,19 +75,22 @@ def quantize_graph(path: Path, scheme: QuantScheme = INT8) -> dict[str, Any]:
         "matmuls_before": ops_before.get("MatMul", 0),
         "gathers": tables,
         "unshared_tables": unshared,
+        "gemms_as_matmuls": gemms,
         "bytes_fp32": before,
         "bytes_int8": path.stat().st_size,
     }
 
 
 def unshare_transposed_tables(graph: onnx.GraphProto) -> list[str]:
-    """Give back a (V, C) lookup table to a tied embedding the fp32 export stored once.
+    """Store again, as a constant, the transpose of a tied table the fp32 export kept once.
 
-    ``exporters.onnx_graph.share_transposed_weights`` drops the (V, C) table and gathers from
-    the head's (C, V) weight along axis 1, then transposes the rows. A graph exported that way
-    (an fp32 version quantized afterwards) gets the plain ``Gather`` back, so the tied table is
-    found and read from the head's 8-bit weights like any other; the fp32 copy made here is
-    dropped with the other replaced tables.
+    ``exporters.onnx_graph.share_transposed_weights`` keeps the (V, C) table and gives the
+    head's ``MatMul`` a ``Transpose`` of it. The quantizer only quantizes a ``MatMul`` whose
+    weight is a constant, so a graph exported that way (an fp32 version quantized afterwards)
+    gets its (C, V) weight back here; the table is then found tied to the head's 8-bit
+    weights like any other, and the fp32 copies are dropped with the other replaced tables.
+    Graphs from before that change gathered the head's columns (``Gather`` along axis 1, then
+    a ``Transpose``): those get their plain (V, C) lookup table back.
     """
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -95,6 +99,16 @@ def unshare_transposed_tables(graph: onnx.GraphProto) -> list[str]:
             consumers.setdefault(name, []).append(node)
     restored = []
     for node in list(graph.node):
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+        if node.op_type == "Transpose" and node.input[0] in inits and perm == [1, 0]:
+            table = inits[node.input[0]]
+            weight = numpy_helper.from_array(
+                np.ascontiguousarray(numpy_helper.to_array(table).T), node.output[0]
+            )
+            graph.initializer.append(weight)
+            graph.node.remove(node)
+            restored.append(table.name)
+            continue
         if node.op_type != "Gather" or _gather_axis(node) != 1 or node.input[0] not in inits:
             continue
         weight = inits[node.input[0]]
@@ -118,6 +132,42 @@ def unshare_transposed_tables(graph: onnx.GraphProto) -> list[str]:
         graph.node.insert(position, gather)
         restored.append(weight.name)
     return restored
+
+
+def gemms_to_matmuls(graph: onnx.GraphProto) -> int:
+    """Rewrite each ``Gemm`` with a constant weight as ``MatMul`` (+ ``Add`` of its bias).
+
+    The paged decode graph runs its projections as ``Gemm`` (bias fused, one node fewer a
+    projection); the quantizer only quantizes ``MatMul`` (``MatMulNBits`` has no ``Gemm``
+    form), so those get their (K, N) weight and a separate bias ``Add`` back first.
+    Returns how many were rewritten.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    done = 0
+    for node in list(graph.node):
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        if attrs.get("transA", 0) or not plain:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T
+        name = f"{node.input[1]}__kn" if attrs.get("transB", 0) else node.input[1]
+        if name != node.input[1]:
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}__matmul" if bias else node.output[0]
+        new = [helper.make_node("MatMul", [node.input[0], name], [product], name=node.name)]
+        if bias:
+            new.append(helper.make_node("Add", [product, bias], [node.output[0]]))
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, added in enumerate(new):
+            graph.node.insert(position + offset, added)
+        done += 1
+    return done
 
 
 def tied_embeddings(graph: onnx.GraphProto) -> dict[str, str]:

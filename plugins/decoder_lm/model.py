@@ -92,9 +92,30 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, S, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         return q * (1.0 / math.sqrt(self.head_dim)), k, v
 
+    def _qkv_flat(self, x: torch.Tensor, B: int, S: int) -> tuple:
+        """``_qkv`` of (B*S, C) tokens, the 1/sqrt(D) query scale folded into the weights.
+
+        A 2-D input makes each projection one ``Gemm`` with its bias (a 3-D one exports as
+        ``MatMul`` + ``Add``); the scale, applied to the weights (constants), folds away at
+        export instead of costing a ``Mul`` per layer and step.
+        """
+        H, D = self.n_head, self.head_dim
+        scale = torch.ones(3 * H * D, dtype=x.dtype, device=x.device)
+        scale[: H * D] = 1.0 / math.sqrt(D)
+        qkv = F.linear(x, self.c_attn.weight * scale[:, None], self.c_attn.bias * scale)
+        # one Reshape, Transpose and Split for all three (not one of each per tensor)
+        qkv = qkv.view(B, S, 3 * H, D).transpose(1, 2)  # (B, 3H, S, D)
+        return qkv.split(H, dim=1)
+
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         B, _, S, _ = y.shape
         y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _out_flat(self, y: torch.Tensor) -> torch.Tensor:
+        """``_out`` to (B*S, C) tokens: one ``Gemm`` with its bias."""
+        B, _, S, _ = y.shape
+        y = y.transpose(1, 2).reshape(B * S, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, past: KV | None) -> tuple:
@@ -127,11 +148,11 @@ class CausalSelfAttention(nn.Module):
         small score and probability tensors are laid out per row, for one softmax over cache
         and new tokens. Returns (y, (k, v)) with only the new tokens' keys/values, (B, H, S, D).
         """
-        # q is scaled before its gather, so the scores' matmul keeps alpha 1: onnxruntime would
-        # fold a scale applied to the product into the matmul as alpha, and MLAS's one-row
-        # kernel (what a decode step's attention runs) takes alpha 1 only; the general kernel
-        # made these small matmuls ~1/3 slower (FusedMatMul alone: 249 vs 181 us per call).
-        q, k, v = self._qkv(x)  # (B, H, S, D)
+        # q comes scaled (the scale is in the projection's weights), so the scores' matmuls
+        # keep alpha 1: onnxruntime folds a scale applied to a product into the matmul as
+        # alpha, and MLAS's one-row kernel (what a decode step's attention runs) takes alpha 1
+        # only; the general kernel made these small matmuls ~1/3 slower (249 vs 181 us a call).
+        q, k, v = self._qkv_flat(x, allowed.shape[0], allowed.shape[2])  # (B, H, S, D)
         pool_k, pool_v = pool
         B, H, S, D = q.shape
         P, bs = pool_k.shape[0], pool_k.shape[2]
@@ -148,7 +169,7 @@ class CausalSelfAttention(nn.Module):
         p_b = p_rows.reshape(B * nb, H, S, bs).index_select(0, slots)  # (P, H, S, bs)
         out_b = (p_b @ pool_v).reshape(P, H * S * D)  # (P, H*S*D)
         y = (weights @ out_b).reshape(B, H, S, D) + p[..., W:] @ v  # sum each row's blocks
-        return self._out(y), (k, v)
+        return self._out_flat(y), (k, v)
 
     def forward_static(
         self,
@@ -319,14 +340,15 @@ class GPT(nn.Module):
         S = input_ids.shape[1]
         cache_allowed = block_mask.reshape(B, 1, 1, nb * bs).expand(-1, -1, S, -1)
         allowed = torch.cat([cache_allowed, causal_mask[:, None]], dim=-1)  # (B, 1, S, W + S)
-        x = self._embed(input_ids, position_ids)
+        # (B*S, C) tokens through the blocks: each projection is one Gemm with its bias
+        x = self._embed(input_ids, position_ids).reshape(B * S, -1)
         new = []
         for block, kv in zip(self.transformer.h, cache):
             x, kv_new = block.forward_paged(
                 x, kv, block_table, block_rows, block_slots, block_weights, allowed
             )
             new.append(kv_new)
-        return self._head(x), new
+        return self._head(x.reshape(B, S, -1)), new
 
     def forward_static(
         self,

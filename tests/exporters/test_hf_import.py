@@ -166,4 +166,9 @@ def test_the_tied_embedding_is_stored_once_per_graph(hf_repo):
         model = onnx.load(str(version / graph["file"]))
         tables = [t for t in model.graph.initializer if sorted(t.dims) == sorted([vocab, width])]
         assert len(tables) == 1, [t.name for t in tables]
+        assert list(tables[0].dims) == [vocab, width]  # the lookup reads rows, not columns
+        lookups = [
+            n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == tables[0].name
+        ]
+        assert lookups and all(a.i == 0 for n in lookups for a in n.attribute if a.name == "axis")
         assert graph["optimization"]["shared_transposed_weights"]

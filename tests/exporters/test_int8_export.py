@@ -55,7 +55,7 @@ def int8_exports(checkpoints, tmp_path_factory):
 
 
 def _weights_left_fp32(path) -> list[str]:
-    """MatMuls that still read a float32 weight, Gathers a float32 vocabulary-sized table.
+    """MatMuls/Gemms that still read a float32 weight, Gathers a float32 vocabulary-sized table.
 
     Position tables (a context's worth of rows) stay fp32, as llama.cpp keeps them.
     """
@@ -68,7 +68,7 @@ def _weights_left_fp32(path) -> list[str]:
     return [
         n.name
         for n in graph.node
-        if (n.op_type == "MatMul" and n.input[1] in floats)
+        if (n.op_type in ("MatMul", "Gemm") and n.input[1] in floats)
         or (n.op_type == "Gather" and floats.get(n.input[0], 0) >= QuantScheme().min_gather_rows)
     ]
 

@@ -76,3 +76,22 @@ def test_int8_greedy_tokens_alone_equal_batched_and_stay_close_to_fp32(int8_repo
     assert sum(first) >= len(prompts) - 1
     sizes = {g["file"]: g["int8"] for g in read_manifest(int8_repo / INT8 / "1").graphs.values()}
     assert all(s["bytes_int8"] < 0.4 * s["bytes_fp32"] for s in sizes.values())
+
+
+def test_an_fp32_export_quantized_afterwards_has_no_fp32_weights_and_one_tied_table(int8_repo):
+    """The fp32 export stores the tied table once (the head reads its Transpose) and runs the
+    paged graph's projections as Gemm; quantizing it afterwards undoes both first."""
+    import onnx
+
+    dest = int8_repo / INT8 / "1"
+    for graph in read_manifest(dest).graphs.values():
+        q = graph["int8"]
+        assert q["unshared_tables"] and [g["shared_with_head"] for g in q["gathers"]] == [True]
+        model = onnx.load(str(dest / graph["file"]))
+        floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        left = [
+            n.name
+            for n in model.graph.node
+            if n.op_type in ("MatMul", "Gemm") and n.input[1] in floats
+        ]
+        assert not left, left
