@@ -11,8 +11,9 @@ it replaced, not a rebuild of it. The layout is read from each graph's inputs:
 - ``paged``: ``block_rows``/``block_slots``/``block_weights`` (engine/paged_inputs.py).
 
 Every graph gets the same cache contents (each row's tokens in shuffled pool blocks for the paged
-ones, of the block size the graph was exported with) and must give the first graph's logits. The graphs must share a model shape (and, for the
-logits check, weights: e.g. the same checkpoint exported by two versions). Time is process CPU
+ones, of the block size the graph was exported with) and must give the first graph's logits.
+The graphs must share a model shape (and, for the logits check, weights: e.g. the same
+checkpoint exported by two versions). Time is process CPU
 time per decode step with one onnxruntime thread, median of interleaved rounds of 100 steps.
 
     python bench/kv_graphs.py --graph before=OLD/lm/1/kv_inplace.onnx \\

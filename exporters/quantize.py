@@ -49,7 +49,7 @@ def quantize_graph(path: Path, scheme: QuantScheme = INT8) -> dict[str, Any]:
     model = onnx.load(str(path))
     ops_before = _op_counts(model.graph)
     unshared = unshare_transposed_tables(model.graph)
-    gemms = gemms_to_matmuls(model.graph)
+    gemms = gemms_to_matmuls(model.graph, min_width=scheme.block_size)
     tied = tied_embeddings(model.graph)
     quantizer = nbits.MatMulNBitsQuantizer(
         model,
@@ -134,13 +134,15 @@ def unshare_transposed_tables(graph: onnx.GraphProto) -> list[str]:
     return restored
 
 
-def gemms_to_matmuls(graph: onnx.GraphProto) -> int:
+def gemms_to_matmuls(graph: onnx.GraphProto, min_width: int = 1) -> int:
     """Rewrite each ``Gemm`` with a constant weight as ``MatMul`` (+ ``Add`` of its bias).
 
     The paged decode graph runs its projections as ``Gemm`` (bias fused, one node fewer a
     projection); the quantizer only quantizes ``MatMul`` (``MatMulNBits`` has no ``Gemm``
-    form), so those get their (K, N) weight and a separate bias ``Add`` back first.
-    Returns how many were rewritten.
+    form), so those get their (K, N) weight and a separate bias ``Add`` back first. A weight
+    with fewer than ``min_width`` inputs or outputs (a classifier's label head: less than one
+    quantization block, nothing to save, and its logits are what accuracy is judged on) stays
+    a ``Gemm``, in fp32. Returns how many were rewritten.
     """
     inits = {t.name: t for t in graph.initializer}
     done = 0
@@ -154,6 +156,8 @@ def gemms_to_matmuls(graph: onnx.GraphProto) -> int:
         weight = numpy_helper.to_array(inits[node.input[1]])
         if attrs.get("transB", 0):
             weight = weight.T
+        if weight.ndim != 2 or min(weight.shape) < min_width:
+            continue
         name = f"{node.input[1]}__kn" if attrs.get("transB", 0) else node.input[1]
         if name != node.input[1]:
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))

@@ -76,17 +76,23 @@ def test_kv_graphs_reads_each_layout_and_feeds_the_same_cache_to_each(lm_repo, m
     with pytest.raises(SystemExit, match="not a kv_inplace graph"):
         kv_graphs.layout({"input_ids", "attention_mask"})
     rng = np.random.default_rng(0)
-    pools = {"cache.0.key": rng.standard_normal((6, 2, 16, 8)).astype(np.float32)}
-    table = np.array([[4, 1, 2], [0, 5, 3]])
+    tokens = {"cache.0.key": rng.standard_normal((2, 2, 40, 8)).astype(np.float32)}
     ids = np.array([[5], [6]])
-    dense = kv_graphs.feeds("dense", pools, table, 40, ids)
+    dense = kv_graphs.feeds("dense", tokens, 40, ids, 16, rng)
     assert dense["cache_mask"].shape == (2, 48) and dense["cache_mask"].sum() == 80
-    # row 1's token 17 is token 1 of its second block (pool block 5)
-    np.testing.assert_array_equal(dense["cache.0.key"][1, :, 17], pools["cache.0.key"][5, :, 1])
-    paged = kv_graphs.feeds("paged", pools, table, 40, ids)
-    assert paged["block_weights"].sum() == 6 and paged["block_mask"].sum() == 80
-    old = kv_graphs.feeds("paged-v1", pools, table, 40, ids)
-    assert old["block_owner"].tolist() == [1, 0, 0, 1, 0, 1]
+    np.testing.assert_array_equal(dense["cache.0.key"][:, :, :40], tokens["cache.0.key"])
+    for bs in (16, 32):  # each paged graph gets blocks of its own size
+        paged = kv_graphs.feeds("paged", tokens, 40, ids, bs, rng)
+        nb = -(-40 // bs)
+        assert paged["cache.0.key"].shape == (2 * nb, 2, bs, 8)
+        assert paged["block_weights"].sum() == 2 * nb and paged["block_mask"].sum() == 80
+        # row 1's token 17 is token 17 % bs of the block its table names at 17 // bs
+        block = paged["block_table"][1, 17 // bs]
+        np.testing.assert_array_equal(
+            paged["cache.0.key"][block, :, 17 % bs], tokens["cache.0.key"][1, :, 17]
+        )
+    old = kv_graphs.feeds("paged-v1", tokens, 40, ids, 16, rng)
+    assert sorted(old["block_owner"].tolist()) == [0, 0, 0, 1, 1, 1]
     # the tool itself, on the test model's graph against itself, on cases inside its context
     graph = lm_repo / MODEL / "1" / "kv_inplace.onnx"
     monkeypatch.setattr(kv_graphs, "CASES", ((1, 20), (3, 40)))

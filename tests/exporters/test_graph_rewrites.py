@@ -78,7 +78,7 @@ def test_quantizing_a_shared_export_finds_the_head_weight_and_its_tied_table_aga
     np.testing.assert_array_equal(_run(model, feeds)[0], before[0])
 
 
-def test_gemm_projections_become_matmuls_the_quantizer_reads():
+def test_gemm_projections_become_matmuls_the_quantizer_reads_and_a_label_head_stays():
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((48, C)).astype(np.float32)  # (N, K): Gemm with transB
     bias = rng.standard_normal(48).astype(np.float32)
@@ -87,17 +87,19 @@ def test_gemm_projections_become_matmuls_the_quantizer_reads():
             helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1),
             helper.make_node("Gemm", ["y", "w2"], ["z"]),  # (K, N), no bias
             helper.make_node("Gemm", ["x", "w", "b"], ["scaled"], transB=1, alpha=0.5),
+            helper.make_node("Gemm", ["z", "labels"], ["logits"]),  # 40 -> 5: one block short
         ],
         "gemms",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", C])],
         [
-            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 8]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 5]),
             helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["n", 48]),
         ],
         [
             numpy_helper.from_array(weight, "w"),
             numpy_helper.from_array(bias, "b"),
-            numpy_helper.from_array(rng.standard_normal((48, 8)).astype(np.float32), "w2"),
+            numpy_helper.from_array(rng.standard_normal((48, 40)).astype(np.float32), "w2"),
+            numpy_helper.from_array(rng.standard_normal((40, 5)).astype(np.float32), "labels"),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
@@ -105,8 +107,9 @@ def test_gemm_projections_become_matmuls_the_quantizer_reads():
     feeds = {"x": rng.standard_normal((5, C)).astype(np.float32)}
     before = _run(model, feeds)
 
-    assert gemms_to_matmuls(model.graph) == 2  # the scaled one is left as it is
-    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "MatMul", "Gemm"]
+    # the scaled one is left as it is, and so is the label head (narrower than a block of 32)
+    assert gemms_to_matmuls(model.graph, min_width=32) == 2
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "MatMul", "Gemm", "Gemm"]
     after = _run(model, feeds)
     for a, b in zip(after, before):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

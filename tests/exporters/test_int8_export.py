@@ -57,19 +57,25 @@ def int8_exports(checkpoints, tmp_path_factory):
 def _weights_left_fp32(path) -> list[str]:
     """MatMuls/Gemms that still read a float32 weight, Gathers a float32 vocabulary-sized table.
 
-    Position tables (a context's worth of rows) stay fp32, as llama.cpp keeps them.
+    Position tables (a context's worth of rows) stay fp32, as llama.cpp keeps them, and so do
+    weights narrower than one quantization block (a classifier's label head).
     """
     graph = onnx.load(str(path)).graph
     floats = {
-        t.name: (list(t.dims) or [1])[0]
+        t.name: list(t.dims) or [1]
         for t in graph.initializer
         if t.data_type == onnx.TensorProto.FLOAT
     }
+    block = QuantScheme().block_size
     return [
         n.name
         for n in graph.node
-        if (n.op_type in ("MatMul", "Gemm") and n.input[1] in floats)
-        or (n.op_type == "Gather" and floats.get(n.input[0], 0) >= QuantScheme().min_gather_rows)
+        if (n.op_type == "MatMul" and n.input[1] in floats)
+        or (n.op_type == "Gemm" and min(floats.get(n.input[1], [0])) >= block)
+        or (
+            n.op_type == "Gather"
+            and floats.get(n.input[0], [0])[0] >= QuantScheme().min_gather_rows
+        )
     ]
 
 
