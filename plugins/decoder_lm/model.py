@@ -139,10 +139,12 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple:
         """Attend over a row's blocks of a read-only pool and its new keys; no cache is copied.
 
-        ``pool`` holds (P, H, bs, D) key and value blocks; ``table`` (B, nb) lists row b's
-        blocks in token order; ``rows`` (P,) is the row whose queries score each pool block,
-        ``slots`` (P,) its place in the rows' tables (``row * nb + place``) and ``weights``
-        (B, P) 1 where a block holds row b's cache; ``allowed`` is (B, 1, S, nb * bs + S).
+        ``x`` is the batch's B*S tokens as rows, (B*S, C), and so is the result (projections
+        as ``Gemm``). ``pool`` holds (P, H, bs, D) key and value blocks; ``table`` (B, nb)
+        lists row b's blocks in token order; ``rows`` (P,) is the row whose queries score
+        each pool block, ``slots`` (P,) its place in the rows' tables (``row * nb + place``)
+        and ``weights`` (B, P) 1 where a block holds row b's cache; ``allowed`` is
+        (B, 1, S, nb * bs + S).
         Scores are computed block by block against the owner's queries, so each block is read
         where it lies (a gather of the pool would copy the whole cache every step); only the
         small score and probability tensors are laid out per row, for one softmax over cache
