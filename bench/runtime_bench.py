@@ -143,13 +143,11 @@ def main() -> None:
     manifest = read_manifest(path)
     serving = manifest.serving
     session = load_session(path / manifest.graph("default")["file"], args.threads, spin)
-    config = EngineConfig(max_num_seqs=max(args.batches), max_model_len=args.prompt_len + args.new)
-    if args.no_prefix_caching:
-        config = EngineConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_model_len=config.max_model_len,
-            enable_prefix_caching=False,
-        )
+    config = EngineConfig(
+        max_num_seqs=max(args.batches),
+        max_model_len=args.prompt_len + args.new,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
     engine = LLMEngine.from_repository(
         args.repo, args.model, threads=args.threads, config=config, spin=spin
     )

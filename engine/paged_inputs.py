@@ -45,24 +45,43 @@ def causal_mask(new_mask: np.ndarray) -> np.ndarray:
     return tril[None] & (new_mask[:, None, :] != 0)
 
 
-def block_mask(cache_lens: np.ndarray, table_blocks: int, block_size: int) -> np.ndarray:
-    """(B, nb, bs) bool: row b attends to its first ``cache_lens[b]`` cached tokens."""
+def block_mask(
+    cache_lens: np.ndarray, table_blocks: int, block_size: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """(B, nb, bs) bool: row b attends to its first ``cache_lens[b]`` cached tokens.
+
+    ``out``: a (B, nb, bs) bool array to fill (the runner's bound decode input) and return.
+    """
     width = np.arange(table_blocks * block_size)
-    return (width[None, :] < cache_lens[:, None]).reshape(-1, table_blocks, block_size)
+    if out is None:
+        out = np.empty((len(cache_lens), table_blocks, block_size), bool)
+    np.less(width[None, :], cache_lens[:, None], out=out.reshape(len(cache_lens), -1))
+    return out
 
 
 def block_roles(
-    owner: np.ndarray, index: np.ndarray, batch: int, table_blocks: int, dtype="float32"
+    owner: np.ndarray,
+    index: np.ndarray,
+    batch: int,
+    table_blocks: int,
+    dtype="float32",
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each pool block's (rows, slots, weights) from its owning row (-1: none) and its place.
 
     ``owner`` (P,) is the row whose cache a block holds (-1: no row's, or not yet: the block a
     row's new token goes to), ``index`` (P,) the block's place in that row's table.
     ``dtype``: the weights' (the graph's float inputs', float32 in every export here).
+    ``out``: (rows (P,), slots (P,), weights (batch, P)) arrays to fill and return instead.
     """
-    rows = np.maximum(owner, 0)
-    slots = rows * table_blocks + np.clip(index, 0, table_blocks - 1)
-    weights = (owner[None, :] == np.arange(batch)[:, None]).astype(dtype)
+    P = len(owner)
+    if out is None:
+        out = (np.empty(P, np.int64), np.empty(P, np.int64), np.empty((batch, P), dtype))
+    rows, slots, weights = out
+    np.maximum(owner, 0, out=rows)
+    np.clip(index, 0, table_blocks - 1, out=slots)
+    slots += rows * table_blocks
+    np.equal(owner[None, :], np.arange(batch)[:, None], out=weights)
     return rows, slots, weights
 
 

@@ -227,7 +227,6 @@ class ModelRunner(SlotRunner):
         # filled in place, so an IOBinding stays valid while the shapes (rows, table width,
         # pool blocks) do, and the outputs views of preallocated ones.
         self._table = np.zeros(num_slots * width, np.int64)
-        self._width = np.arange(width * bs, dtype=np.int64)
         self._owner = np.zeros(num_blocks, np.int64)
         self._index = np.zeros(num_blocks, np.int64)
         self._row_of_slot = np.full(num_slots + 1, -1, np.int64)  # [-1] answers block_slot -1
@@ -411,9 +410,7 @@ class ModelRunner(SlotRunner):
         self._row_of_slot[slots] = -1
         np.copyto(index, self.block_pos[:P])
         theirs = np.flatnonzero(owner >= 0)
-        mine = index[theirs] < cache_blocks[owner[theirs]]
-        owner[theirs[~mine]] = -1
-        theirs = theirs[mine]
+        owner[theirs[index[theirs] >= cache_blocks[owner[theirs]]]] = -1
         # Filled in place: while the key holds, the arrays (and a previous step's IOBinding of
         # them) stay the same.
         key = (n, nb, P)
@@ -422,14 +419,9 @@ class ModelRunner(SlotRunner):
             self._bound = (key, self._feeds(n, nb, P), outs)
         _, feeds, outs = self._bound
         np.copyto(feeds["block_table"], table)
-        np.less(self._width[: nb * bs], length[:, None], out=feeds["block_mask"].reshape(n, -1))
-        rows = feeds["block_rows"]
-        np.maximum(owner, 0, out=rows)
-        np.minimum(index, nb - 1, out=feeds["block_slots"])
-        feeds["block_slots"] += rows * nb
-        weights = feeds["block_weights"]
-        weights.fill(0)
-        weights[owner[theirs], theirs] = 1
+        block_mask(length, nb, bs, out=feeds["block_mask"])
+        roles = (feeds["block_rows"], feeds["block_slots"], feeds["block_weights"])
+        block_roles(owner, index, n, nb, out=roles)
         return key, feeds, outs
 
     def _feeds(self, n: int, nb: int, P: int) -> dict[str, np.ndarray]:
